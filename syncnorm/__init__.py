@@ -1,0 +1,17 @@
+"""syncnorm: an exact SyncBatchNorm for PyTorch that runs on every backend (gloo/CPU included)."""
+
+from syncnorm import functional
+from syncnorm.convert import convert_sync_batchnorm, revert_sync_batchnorm
+from syncnorm.functional import SyncBatchNormFunction, sync_batch_norm
+from syncnorm.module import SyncBatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SyncBatchNorm",
+    "SyncBatchNormFunction",
+    "convert_sync_batchnorm",
+    "functional",
+    "revert_sync_batchnorm",
+    "sync_batch_norm",
+]

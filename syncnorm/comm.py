@@ -1,0 +1,89 @@
+"""Every ``torch.distributed`` call syncnorm makes lives in this file.
+
+What goes over the wire per SyncBatchNorm layer and training step:
+
+* forward: one ``all_gather`` of ``1 + 2C`` floats per rank (count, mean, variance);
+* backward: one sum of ``2C`` floats (``sum_dy``, ``sum_dy_xmu``) across ranks;
+* once per layer, before its first synced forward: one ``all_gather`` of the channel count, so that
+  ranks that built different models get an error naming the counts instead of a crash inside gloo.
+
+Every function here that communicates must be called by all ranks of the group, in the same order.
+Without an initialized process group they return the one-process answer, so callers never branch.
+"""
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+ProcessGroup = Optional["dist.ProcessGroup"]
+
+# torch 2.14 renamed all_gather_into_tensor (older releases only have the old name).
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+# Largest group for which the backward sum is an all_gather followed by a local sum instead of an
+# all_reduce. On CPU/gloo the collectives are latency-bound and at two ranks one all_gather is faster
+# than one all_reduce (see benchmarks/bench_layer.py); both give identical sums on every rank.
+GATHER_SUM_MAX_WORLD = 0
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is built in and a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group: ProcessGroup = None) -> int:
+    """Number of ranks in ``group`` (the default group when None); 1 without a process group."""
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def group_ranks(group: ProcessGroup = None) -> List[int]:
+    """Global ranks of the members of ``group``, in group order."""
+    if not is_distributed():
+        return [0]
+    if group is None or group is dist.group.WORLD:
+        return list(range(dist.get_world_size()))
+    return dist.get_process_group_ranks(group)
+
+
+def all_gather(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
+    """Stack every rank's 1-D ``tensor`` into a ``(world, len)`` tensor. All ranks must call this."""
+    if world_size(group) == 1:
+        return tensor.unsqueeze(0)
+    size = world_size(group)
+    gathered = tensor.new_empty(size * tensor.numel())  # gloo wants a flat output
+    _all_gather_flat(gathered, tensor.contiguous(), group=group)
+    return gathered.view(size, tensor.numel())
+
+
+def sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
+    """Element-wise sum of ``tensor`` over the ranks of ``group``. All ranks must call this.
+
+    Exactly one collective; every rank gets the same bits back.
+    """
+    size = world_size(group)
+    if size == 1:
+        return tensor
+    if size <= GATHER_SUM_MAX_WORLD:
+        return all_gather(tensor, group).sum(0)
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def verify_num_features(num_features: int, device: torch.device, group: ProcessGroup = None) -> None:
+    """Raise on every rank if the ranks of ``group`` disagree on a layer's channel count.
+
+    Called once per layer: a mismatch would otherwise make the statistics all_gather receive packets
+    of different sizes, which gloo answers by aborting the process. All ranks must call this.
+    """
+    if world_size(group) == 1:
+        return
+    mine = torch.tensor([num_features], dtype=torch.int64, device=device)
+    counts = all_gather(mine, group).flatten().tolist()
+    if len(set(counts)) > 1:
+        seen = ", ".join(f"rank {rank}: {count}" for rank, count in zip(group_ranks(group), counts))
+        raise ValueError(
+            f"SyncBatchNorm expected the same num_features on every rank (got {seen}); "
+            "every rank must build the same model"
+        )

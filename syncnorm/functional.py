@@ -1,0 +1,191 @@
+"""The synchronized batch-norm autograd Function and its functional form.
+
+The Function owns the math (``stats.py``) and the collectives (``comm.py``) of one synced training
+step; deciding *whether* to sync (eval mode, one rank, no process group) is the caller's business,
+and ``sync_batch_norm`` makes that decision for functional users.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from syncnorm import comm, stats
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm whose statistics span every rank of ``process_group``. All ranks must call it.
+
+    Forward: local ``(count, mean, var)`` -> one all_gather -> exact global mean/variance -> normalize.
+    Backward: local ``(sum_dy, sum_dy_xmu)`` -> one all-rank sum -> input gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        eps: float,
+        momentum: float,
+        process_group: comm.ProcessGroup,
+    ) -> Tensor:
+        count, mean, var = stats.local_stats(input)
+        # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
+        # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
+        gathered = comm.all_gather(stats.pack_stats(count, mean, var), process_group)
+        counts, means, vars = stats.unpack_stats(gathered)
+        _raise_if_any_rank_invalid(counts, process_group)
+        total = int(counts.sum().item())
+        if total == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training across all ranks "
+                f"(got input size {list(input.shape)} on this rank, 1 value per channel in total)"
+            )
+
+        ctx.process_group = process_group
+        ctx.total = total
+        if total == 0:
+            # Every rank's batch is empty: nothing to normalize, and the running statistics stay
+            # as they are (as in BatchNorm). Every rank knows this, so backward sends nothing.
+            ctx.save_for_backward(input, weight)
+            return torch.empty_like(input)
+
+        global_mean, global_var = stats.combine_stats(counts, means, vars)
+        stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
+        invstd = torch.rsqrt(global_var + eps)
+        ctx.save_for_backward(input, weight, global_mean, invstd)
+        return stats.normalize(input, global_mean, global_var, weight, bias, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
+        if ctx.total == 0:
+            input, weight = ctx.saved_tensors
+            zeros = None if weight is None else torch.zeros_like(weight)
+            return (
+                torch.zeros_like(input) if need_input_grad else None,
+                zeros if need_weight_grad else None,
+                zeros.clone() if need_bias_grad and zeros is not None else None,
+                None, None, None, None, None,
+            )
+
+        input, weight, mean, invstd = ctx.saved_tensors
+        sum_dy, sum_dy_xmu = stats.grad_sums(grad_output, input, mean)
+
+        grad_input = grad_weight = grad_bias = None
+        if need_input_grad:
+            # Every rank knows whether its input needs a gradient (the model is the same on all of
+            # them), so the collective is skipped consistently, e.g. for a first layer fed data.
+            global_sums = comm.sum_across_ranks(torch.cat([sum_dy, sum_dy_xmu]), ctx.process_group)
+            global_sum_dy, global_sum_dy_xmu = global_sums.chunk(2)
+            grad_input = stats.input_grad(
+                grad_output,
+                input,
+                mean,
+                invstd,
+                weight,
+                global_sum_dy / ctx.total,
+                global_sum_dy_xmu / ctx.total,
+            )
+        # Weight and bias gradients stay local on purpose: DistributedDataParallel averages parameter
+        # gradients across ranks, so reducing them here as well would count them twice.
+        if need_weight_grad:
+            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
+        if need_bias_grad:
+            grad_bias = sum_dy.to(weight.dtype if weight is not None else grad_output.dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _raise_if_any_rank_invalid(counts: Tensor, process_group: comm.ProcessGroup) -> None:
+    """Raise on this rank when another rank flagged its input as invalid in the gather."""
+    invalid = (counts == stats.INVALID_COUNT).nonzero().flatten().tolist()
+    if invalid:
+        ranks = comm.group_ranks(process_group)
+        names = ", ".join(str(ranks[i]) for i in invalid)
+        raise ValueError(
+            f"SyncBatchNorm got an invalid input on rank(s) {names} (see the error on that rank); "
+            "all ranks stop here instead of waiting for it"
+        )
+
+
+def _expected_channels(*tensors: Optional[Tensor]) -> Optional[int]:
+    """Channel count implied by the first per-channel tensor given, if any."""
+    for tensor in tensors:
+        if tensor is not None:
+            return tensor.numel()
+    return None
+
+
+def input_error(input: Tensor, num_features: Optional[int]) -> Optional[str]:
+    """Why ``input`` cannot be batch-normalized over ``num_features`` channels, or None if it can."""
+    if input.dim() < 2:
+        return f"expected at least 2D input (got {input.dim()}D input)"
+    if num_features is not None and input.size(1) != num_features:
+        return (
+            f"expected input with {num_features} channels in dimension 1 "
+            f"(got input of shape {list(input.shape)})"
+        )
+    if not input.is_floating_point():
+        return f"expected a floating-point input (got {input.dtype})"
+    return None
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group: comm.ProcessGroup = None,
+    num_features: Optional[int] = None,
+) -> Tensor:
+    r"""Batch normalization whose batch statistics span all ranks of ``process_group``.
+
+    Same arguments and result as :func:`torch.nn.functional.batch_norm` on the concatenation of every
+    rank's ``input`` along dimension 0. It synchronizes only when ``training`` is True and the group
+    has more than one rank; otherwise it *is* ``F.batch_norm``. When it synchronizes, all ranks of the
+    group must call it, in the same order, including ranks whose batch is empty.
+
+    A rank whose input is invalid (fewer than 2 dimensions, wrong channel count) still joins the
+    statistics exchange with a marker, so every rank raises ``ValueError`` instead of waiting.
+
+    Args:
+        input: ``(N, C, *)`` tensor; ``N`` may be 0 and may differ between ranks.
+        running_mean, running_var: ``(C,)`` buffers updated in place with the global mean and the
+            unbiased global variance, or None.
+        weight, bias: ``(C,)`` affine parameters, or None.
+        training: use (global) batch statistics; when False, the running statistics.
+        momentum: weight of the new statistics in the running averages.
+        eps: added to the variance for numerical stability.
+        process_group: group to synchronize over; None means the default group.
+        num_features: expected channel count, for the error message of a mismatching input;
+            defaults to the length of ``weight``/``bias``/``running_mean``/``running_var``.
+
+    Example::
+
+        >>> y = sync_batch_norm(x, running_mean, running_var, weight, bias, training=True)
+    """
+    expected = num_features if num_features is not None else _expected_channels(
+        weight, bias, running_mean, running_var
+    )
+    synced = training and comm.world_size(process_group) > 1
+    problem = input_error(input, expected)
+    if problem is not None:
+        if synced and expected is not None:
+            dtype = stats.stats_dtype(input.dtype) if input.is_floating_point() else torch.float32
+            comm.all_gather(stats.invalid_packet(expected, dtype, input.device), process_group)
+        raise ValueError(f"SyncBatchNorm {problem}")
+    if not synced:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return SyncBatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, eps, momentum, process_group
+    )

@@ -1,0 +1,166 @@
+"""Batch-norm arithmetic for one process: local statistics, their exact combination, the backward formula.
+
+Nothing in this file talks to other processes (that is ``comm.py``), so every function here can be
+tested in a single process against a closed form. Statistics for half-precision inputs accumulate in
+float32, float64 inputs stay float64.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Count field a rank puts in its statistics packet when its own input was invalid; the other ranks see
+# it after the all_gather and raise too, so a bad input fails on every rank instead of hanging the rest.
+INVALID_COUNT = -1.0
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in for an input of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_shape(input: Tensor) -> List[int]:
+    """Shape that broadcasts a per-channel vector against ``input``: ``[1, C, 1, ...]``."""
+    return [1, input.size(1)] + [1] * (input.dim() - 2)
+
+
+def local_count(input: Tensor) -> int:
+    """Number of values each channel has in ``input`` (batch times spatial size)."""
+    return input.numel() // input.size(1) if input.size(1) else 0
+
+
+def local_stats(input: Tensor) -> Tuple[int, Tensor, Tensor]:
+    """``(count, mean, biased variance)`` per channel of this process's ``input``.
+
+    Uses the native batch-norm statistics kernel (one fused pass, channels_last aware). An empty input
+    gives zero mean and variance, so that a zero count contributes nothing to the combination.
+    """
+    count = local_count(input)
+    channels = input.size(1)
+    dtype = stats_dtype(input.dtype)
+    if count == 0:
+        zeros = torch.zeros(channels, dtype=dtype, device=input.device)
+        return 0, zeros, zeros.clone()
+    if input.dtype == dtype:
+        mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
+    else:
+        # Passing float32 running buffers makes the kernel accumulate and return float32; momentum 0
+        # leaves the throwaway buffers as they are.
+        scratch_mean = torch.zeros(channels, dtype=dtype, device=input.device)
+        scratch_var = torch.ones(channels, dtype=dtype, device=input.device)
+        mean, var = torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
+    return count, mean, var
+
+
+def pack_stats(count: float, mean: Tensor, var: Tensor) -> Tensor:
+    """One flat tensor ``[count, mean..., var...]`` so a single collective carries all three."""
+    packet = torch.empty(1 + 2 * mean.numel(), dtype=mean.dtype, device=mean.device)
+    packet[0] = count
+    packet[1 : 1 + mean.numel()] = mean
+    packet[1 + mean.numel() :] = var
+    return packet
+
+
+def invalid_packet(channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A packet of the right size whose count marks this rank's input as invalid."""
+    zeros = torch.zeros(channels, dtype=dtype, device=device)
+    return pack_stats(INVALID_COUNT, zeros, zeros)
+
+
+def unpack_stats(gathered: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Split a ``(world, 1 + 2C)`` gather into counts ``(world,)``, means and variances ``(world, C)``."""
+    channels = (gathered.size(1) - 1) // 2
+    return gathered[:, 0], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+
+
+def combine_stats(counts: Tensor, means: Tensor, vars: Tensor) -> Tuple[Tensor, Tensor]:
+    """Global mean and biased variance from per-rank ``(count, mean, biased variance)``.
+
+    The parallel formula of Chan et al.: ``M2 = sum_r n_r * (var_r + (mean_r - mean)^2)``. Every term
+    is non-negative, so unlike ``E[x^2] - E[x]^2`` nothing cancels when ``|mean| >> std``. Ranks with a
+    zero count contribute nothing. ``counts`` must sum to more than zero.
+    """
+    total = counts.sum()
+    weights = (counts / total).unsqueeze(1)
+    global_mean = (weights * means).sum(0)
+    deviation = means - global_mean
+    global_var = (weights * (vars + deviation * deviation)).sum(0)
+    return global_mean, global_var
+
+
+def update_running_stats(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    total_count: int,
+    momentum: float,
+) -> None:
+    """Exponential moving average of the global mean and the *unbiased* global variance, in place."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            unbiased_var = var * (total_count / (total_count - 1))
+            running_var.mul_(1.0 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+
+
+def _params_in(dtype: torch.dtype, weight: Optional[Tensor]) -> Optional[Tensor]:
+    """``weight`` in the statistics dtype: the native kernels take reduced-precision inputs only with
+    float32 parameters."""
+    return None if weight is None else weight.to(dtype)
+
+
+def normalize(
+    input: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tensor:
+    """``(input - mean) / sqrt(var + eps) * weight + bias`` with the given statistics, in one native pass
+    (the kernel batch norm uses in eval mode), keeping the input's dtype and memory format."""
+    return F.batch_norm(
+        input, mean, var, _params_in(mean.dtype, weight), _params_in(mean.dtype, bias), False, 0.0, eps
+    )
+
+
+def grad_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` over this process's batch, in one pass.
+
+    The eval-mode native backward computes ``grad_weight = sum(dy * (x - running_mean) / sqrt(running_var
+    + eps))``; with ``running_var = 1`` and ``eps = 0`` that is exactly ``sum(dy * (x - mean))``.
+    """
+    if local_count(input) == 0:
+        # The native kernel divides by the count; an empty batch simply contributes zero.
+        zeros = torch.zeros_like(mean)
+        return zeros, zeros.clone()
+    ones = torch.ones_like(mean)
+    _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_output, input, None, mean, ones, None, None, False, 0.0, [False, True, True]
+    )
+    return sum_dy, sum_dy_xmu
+
+
+def input_grad(
+    grad_output: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    mean_dy: Tensor,
+    mean_dy_xmu: Tensor,
+) -> Tensor:
+    """Gradient of batch norm's output w.r.t. its input, given the *global* means of ``dy`` and
+    ``dy * (x - mean)``:
+
+    ``dx = weight * invstd * (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu)``
+
+    Per channel this is ``scale * dy + slope * (x - mean) + offset``; the last two terms are one native
+    eval-mode batch-norm pass over ``x`` and the first is added in place, so there are two passes and
+    no temporaries besides the result.
+    """
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    slope = -scale * invstd * invstd * mean_dy_xmu
+    offset = -scale * mean_dy
+    ones = torch.ones_like(mean)
+    grad_input = F.batch_norm(input, mean, ones, slope, offset, False, 0.0, 0.0)
+    return grad_input.addcmul_(grad_output, scale.view(channel_shape(input)))
