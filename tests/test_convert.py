@@ -1,0 +1,138 @@
+"""convert_sync_batchnorm / revert_sync_batchnorm on real models, and the single-process fallback."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import syncnorm
+from syncnorm.convert import BatchNormNd
+
+
+def _randomize_bn(model):
+    """Non-default running statistics and affine parameters, so that keeping them is visible."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                module.num_batches_tracked.fill_(7)
+    return model
+
+
+def _classes(model):
+    return [type(m) for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+@pytest.mark.parametrize("factory", [torchvision.models.resnet18, torchvision.models.mobilenet_v3_small])
+def test_convert_and_revert_torchvision_models(factory):
+    torch.manual_seed(0)
+    model = _randomize_bn(factory(num_classes=10)).eval()
+    original_classes = _classes(model)
+    original_state = {k: v.clone() for k, v in model.state_dict().items()}
+    first_bn = next(m for m in model.modules() if isinstance(m, _BatchNorm))
+    first_bn.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+
+    converted = syncnorm.convert_sync_batchnorm(model)
+    assert _classes(converted) == [syncnorm.SyncBatchNorm] * len(original_classes)
+    assert len(original_classes) > 10
+    state = converted.state_dict()
+    assert state.keys() == original_state.keys()
+    assert all(torch.equal(state[k], v) for k, v in original_state.items())
+    assert not any(m.training for m in converted.modules())
+    first_sync = next(m for m in converted.modules() if isinstance(m, syncnorm.SyncBatchNorm))
+    assert first_sync.weight is first_bn.weight and not first_sync.weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(converted(x), expected)
+
+    reverted = syncnorm.revert_sync_batchnorm(converted)
+    assert _classes(reverted) == original_classes
+    assert not any(isinstance(m, syncnorm.SyncBatchNorm) for m in reverted.modules())
+    assert all(torch.equal(reverted.state_dict()[k], v) for k, v in original_state.items())
+    with torch.no_grad():
+        assert torch.equal(reverted(x), expected)
+
+
+def test_convert_keeps_everything_of_each_layer():
+    model = nn.Sequential(
+        nn.BatchNorm1d(3, eps=1e-3, momentum=None),
+        nn.BatchNorm3d(2, affine=False),
+        nn.BatchNorm2d(4, track_running_stats=False),
+    ).double()
+    model[0].train()
+    model[1].eval()
+    converted = syncnorm.convert_sync_batchnorm(model, process_group="sentinel-group")
+    layers = list(converted)
+    assert all(type(layer) is syncnorm.SyncBatchNorm for layer in layers)
+    assert [l.eps for l in layers] == [1e-3, 1e-5, 1e-5]
+    assert [l.momentum for l in layers] == [None, 0.1, 0.1]
+    assert [l.affine for l in layers] == [True, False, True]
+    assert [l.track_running_stats for l in layers] == [True, True, False]
+    assert [l.training for l in layers] == [True, False, True]
+    assert all(l.process_group == "sentinel-group" for l in layers)
+    assert layers[0].weight.dtype == torch.float64 and layers[1].running_mean.dtype == torch.float64
+    assert not any(t.is_meta for t in converted.state_dict().values())
+
+
+def test_convert_root_shared_layers_and_torch_syncbatchnorm():
+    root = syncnorm.convert_sync_batchnorm(nn.BatchNorm2d(5))
+    assert type(root) is syncnorm.SyncBatchNorm
+
+    shared = nn.BatchNorm1d(4)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(nn.Linear(4, 4), shared)})
+    converted = syncnorm.convert_sync_batchnorm(model)
+    assert converted["a"][0] is converted["b"][1]  # still one layer, converted once
+
+    from_torch = syncnorm.convert_sync_batchnorm(nn.Sequential(nn.SyncBatchNorm(3)))
+    assert type(from_torch[0]) is syncnorm.SyncBatchNorm
+    # torch's SyncBN has no "plain" class to go back to: it reverts to a BatchNorm taking 2D-5D input.
+    plain = syncnorm.revert_sync_batchnorm(from_torch)[0]
+    assert type(plain) is BatchNormNd
+    for shape in [(4, 3), (4, 3, 5), (4, 3, 5, 5), (4, 3, 2, 5, 5)]:
+        assert plain(torch.randn(shape)).shape == shape
+    # A SyncBatchNorm built directly also reverts to BatchNormNd.
+    assert type(syncnorm.revert_sync_batchnorm(syncnorm.SyncBatchNorm(3))) is BatchNormNd
+
+
+def test_checkpoints_move_between_batchnorm_torch_syncbn_and_syncnorm():
+    source = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    ours = syncnorm.convert_sync_batchnorm(copy.deepcopy(source))
+    ours_state = ours.state_dict()
+    torch_sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(source))
+    assert ours_state.keys() == torch_sync.state_dict().keys() == source.state_dict().keys()
+    fresh = syncnorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    fresh.load_state_dict(torch_sync.state_dict())
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in source.state_dict().items())
+    # Pickling and deep copies work like any module.
+    assert type(pickle.loads(pickle.dumps(ours))[1]) is syncnorm.SyncBatchNorm
+    assert copy.deepcopy(ours)[1].weight is not ours[1].weight
+
+
+@pytest.mark.parametrize("dim", [2, 3, 4, 5])
+def test_without_process_group_equals_batchnorm(dim):
+    shape = (6, 3, 4, 5, 2)[:dim]
+    reference = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dim](3)
+    layer = syncnorm.SyncBatchNorm(3)
+    for step in range(3):
+        x = torch.randn(shape) * 2 + step
+        x_ref = x.clone().requires_grad_()
+        x_ours = x.clone().requires_grad_()
+        reference(x_ref).pow(2).sum().backward()
+        layer(x_ours).pow(2).sum().backward()
+        assert torch.equal(x_ours.grad, x_ref.grad)
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(dict(layer.named_buffers())[name], buffer)
+    assert torch.equal(layer.weight.grad, reference.weight.grad)
+    layer.eval(), reference.eval()
+    x = torch.randn(shape)
+    assert torch.equal(layer(x), reference(x))
