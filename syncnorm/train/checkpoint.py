@@ -1,0 +1,216 @@
+"""Checkpoints: atomic writes, safe loads, keep-last-k, and fallback to the last good one.
+
+One file per epoch, ``<run dir>/ckpt_epoch{N}.pt``, written by rank 0: a temp file in the same
+directory, ``torch.save``, flush, ``os.fsync``, then ``os.replace`` onto the final name (and an fsync
+of the directory), so a crash leaves either the old set of files or the new one, never half a file
+under a checkpoint name. Only the newest ``keep`` epoch files are kept.
+
+Loading is ``torch.load(..., weights_only=True)`` only: a file that needs arbitrary unpickling (a
+pickle carrying code) is refused. Everything stored is tensors, numbers, strings, lists, tuples and
+dicts. ``--resume auto`` takes the newest file that loads and validates, reporting (not failing on)
+newer ones that are truncated or corrupt.
+"""
+
+import os
+import random
+import re
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from syncnorm.train.errors import CheckpointError
+
+FORMAT = "syncnorm.train/1"
+REQUIRED_KEYS = ("format", "epoch", "model", "optimizer", "scheduler", "rng", "config", "metrics")
+_NAME = re.compile(r"^ckpt_epoch(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: str, epoch: int) -> str:
+    return os.path.join(run_dir, f"ckpt_epoch{epoch}.pt")
+
+
+def list_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+    """(epoch, path) of every ``ckpt_epoch{N}.pt`` in ``run_dir``, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        match = _NAME.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(run_dir, name)))
+    return sorted(found)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. Windows): the file itself is already synced
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` through a synced temp file in the same directory + rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """Write a small text file atomically (same recipe as :func:`atomic_save`)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_checkpoint(run_dir: str, epoch: int, payload: Dict[str, Any], keep: int) -> str:
+    """Write epoch ``epoch``'s checkpoint and delete all but the newest ``keep``; return its path."""
+    path = checkpoint_path(run_dir, epoch)
+    atomic_save(dict(payload, format=FORMAT, epoch=epoch), path)
+    for old_epoch, old_path in list_checkpoints(run_dir)[:-keep]:
+        try:
+            os.unlink(old_path)
+        except FileNotFoundError:
+            pass
+    return path
+
+
+def remove_checkpoints(run_dir: str) -> int:
+    """Delete every epoch checkpoint in ``run_dir`` (a fresh run must not resume an older run's)."""
+    removed = 0
+    for _, path in list_checkpoints(run_dir):
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Load and validate a checkpoint with ``weights_only=True``; CheckpointError names the path."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a directory, expected a .pt file: {path} "
+                              f"(use --resume auto to take the newest checkpoint of the run directory)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
+        text = str(error)
+        if "Weights only load failed" in text or "weights_only" in text:
+            # Name the global the file wanted to run: the informative line of torch's message.
+            culprit = next((line.strip() for line in text.splitlines()
+                            if "GLOBAL" in line or "Unsupported" in line), "it is not tensors-only data")
+            raise CheckpointError(f"refused to load {path}: torch.load(weights_only=True) rejects it "
+                                  f"({culprit}); only load checkpoints you trust") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first})") from None
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"{path} is not a syncnorm training checkpoint "
+                              f"(expected keys {', '.join(REQUIRED_KEYS)}; missing {', '.join(missing)})")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"{path}: expected checkpoint format {FORMAT} (got {state['format']!r})")
+    return state
+
+
+def find_resume(resume: str, run_dir: str, warn: Callable[[str], None]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """Resolve ``--resume``: ``auto`` -> newest loadable checkpoint of ``run_dir`` (None when there is
+    none), else the given path. Corrupt newer files are reported through ``warn`` and skipped."""
+    if resume != "auto":
+        return resume, load_checkpoint(resume)
+    candidates = list_checkpoints(run_dir)
+    if not candidates:
+        return None
+    problems = []
+    for _, path in reversed(candidates):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as error:
+            problems.append(str(error))
+            warn(f"{error}; trying an older checkpoint")
+            continue
+        return path, state
+    raise CheckpointError(f"--resume auto: no usable checkpoint in {run_dir} ({'; '.join(problems)})")
+
+
+def check_model_state(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Raise CheckpointError naming the keys that differ between ``model`` and ``state_dict``."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+
+    def few(items):
+        return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {few(unexpected)}")
+    if shapes:
+        parts.append(f"shape (checkpoint vs model) {few(shapes)}")
+    raise CheckpointError(f"checkpoint {path} was saved from a different model: {'; '.join(parts)}")
+
+
+def rng_state() -> Dict[str, Any]:
+    """torch/numpy/python RNG states in weights_only-loadable form."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
