@@ -53,6 +53,16 @@ def _split(x: torch.Tensor, sizes: List[int], rank: int) -> torch.Tensor:
     return x[start : start + sizes[rank]]
 
 
+def _record_step(record, layer, output, input) -> None:
+    """Keep one step's output and gradients; clear the parameter gradients for the next step."""
+    record["outputs"].append(output.detach())
+    record["input_grads"].append(input.grad)
+    if layer.affine:
+        record["weight_grads"].append(layer.weight.grad.clone())
+        record["bias_grads"].append(layer.bias.grad.clone())
+        layer.weight.grad = layer.bias.grad = None
+
+
 def run_layer_on_rank(rank: int, world_size: int, case: LayerCase, group_ranks=None):
     """Train a syncnorm layer on this rank's slices of ``case``; return what the test compares.
 
@@ -75,13 +85,8 @@ def run_layer_on_rank(rank: int, world_size: int, case: LayerCase, group_ranks=N
         local_x = _format(_split(x, sizes, position).clone(), case.channels_last).requires_grad_()
         y = layer(local_x)
         y.backward(_format(_split(dy, sizes, position).clone(), case.channels_last))
-        record["outputs"].append(y.detach())
-        record["input_grads"].append(local_x.grad)
+        _record_step(record, layer, y, local_x)
         record["formats_kept"].append(y.dtype == local_x.dtype and y.stride() == local_x.stride())
-        if layer.affine:
-            record["weight_grads"].append(layer.weight.grad.clone())
-            record["bias_grads"].append(layer.bias.grad.clone())
-            layer.weight.grad = layer.bias.grad = None
     record["buffers"] = {name: buf.clone() for name, buf in layer.named_buffers()}
     if case.eval_input is not None:
         layer.eval()
@@ -104,12 +109,7 @@ def run_reference(case: LayerCase):
         global_x = x.to(ref_dtype).requires_grad_()
         y = layer(global_x)
         y.backward(dy.to(ref_dtype))
-        record["outputs"].append(y.detach())
-        record["input_grads"].append(global_x.grad)
-        if layer.affine:
-            record["weight_grads"].append(layer.weight.grad.clone())
-            record["bias_grads"].append(layer.bias.grad.clone())
-            layer.weight.grad = layer.bias.grad = None
+        _record_step(record, layer, y, global_x)
     record["buffers"] = {name: buf.clone() for name, buf in layer.named_buffers()}
     if case.eval_input is not None:
         layer.eval()
