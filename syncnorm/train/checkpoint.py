@@ -137,7 +137,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
                             if "GLOBAL" in line or "Unsupported" in line), "it is not tensors-only data")
             raise CheckpointError(f"refused to load {path}: torch.load(weights_only=True) rejects it "
                                   f"({culprit}); only load checkpoints you trust") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first})") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
