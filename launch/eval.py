@@ -3,6 +3,7 @@
     python launch/eval.py --checkpoint runs/lenet/ckpt_epoch5.pt
     python launch/eval.py --checkpoint runs/lenet            # newest good checkpoint of a run dir
     python launch/eval.py --checkpoint PATH --set data.root=/data --json
+    python launch/eval.py --checkpoint PATH --export lenet_plain.pt   # weights for a plain-BN model
 """
 
 import argparse
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="ckpt_epoch{N}.pt, or a run directory")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the checkpoint's config (e.g. data.root)")
+    parser.add_argument("--export", metavar="PATH",
+                        help="also save the plain-BatchNorm model's state_dict to PATH (load it into a model "
+                             "built with model.norm=bn)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args(argv)
 
@@ -31,7 +35,7 @@ def main(argv=None) -> int:
     from syncnorm.train.ui import Reporter
 
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.overrides, Reporter())
+        result = evaluate_checkpoint(args.checkpoint, args.overrides, Reporter(), export=args.export)
     except ConfigError as error:
         error_line(str(error))
         return 2
@@ -41,6 +45,8 @@ def main(argv=None) -> int:
         print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['model']} + {result['norm']} as plain "
               f"BatchNorm): test accuracy {result['test_acc']:.2%} ({result['test_correct']}/"
               f"{result['test_count']}) on {result['dataset']}, test loss {result['test_loss']:.4f}")
+        if args.export:
+            print(f"plain-BatchNorm state_dict written to {args.export}")
     return 0
 
 

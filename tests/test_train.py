@@ -275,6 +275,11 @@ def test_readme_command_under_torchrun_learns_and_eval_agrees(tmp_path):
     assert os.path.exists(out / "config.yaml") and os.path.exists(out / "ckpt_epoch2.pt")
 
     # One process, plain BatchNorm, whole test set: the same accuracy the 2 ranks summed up.
-    result = evaluate_checkpoint(str(out / "ckpt_epoch2.pt"))
+    result = evaluate_checkpoint(str(out / "ckpt_epoch2.pt"), export=str(tmp_path / "plain.pt"))
     assert result["test_count"] == 1000
     assert abs(result["test_correct"] - round(rows[-1]["test_acc"] * 1000)) <= 1
+    # The export is a plain state_dict for a model built with ordinary BatchNorm.
+    plain = build_model("lenet", norm="bn")
+    plain.load_state_dict(torch.load(tmp_path / "plain.pt", weights_only=True))
+    saved = ckpt.load_checkpoint(str(out / "ckpt_epoch2.pt"))["model"]
+    assert all(torch.equal(plain.state_dict()[k], saved[k]) for k in saved)

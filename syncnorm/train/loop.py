@@ -427,10 +427,11 @@ def _train(cfg: Config, info: DistInfo, resume, reporter: Reporter, callbacks, r
 # --------------------------------------------------------------------------- evaluation of a checkpoint
 
 
-def evaluate_checkpoint(path: str, overrides: Sequence[str] = (), reporter: Optional[Reporter] = None
-                        ) -> Dict[str, Any]:
+def evaluate_checkpoint(path: str, overrides: Sequence[str] = (), reporter: Optional[Reporter] = None,
+                        export: Optional[str] = None) -> Dict[str, Any]:
     """Load checkpoint ``path`` into a plain-BatchNorm model and evaluate it on the full test set, in
-    this one process. ``overrides`` (``KEY=VALUE``) adjust the checkpoint's config (e.g. ``data.root``)."""
+    this one process. ``overrides`` (``KEY=VALUE``) adjust the checkpoint's config (e.g. ``data.root``).
+    ``export``: also write the plain model's ``state_dict`` there (atomically), for inference use."""
     if os.path.isdir(path):
         found = ckpt.find_resume("auto", path, (reporter or Reporter(False)).warn)
         if found is None:
@@ -455,6 +456,9 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = (), reporter: Opti
     result = evaluate(model, test_loader, info, dtype)
     result.update(checkpoint=path, epoch=int(state["epoch"]), dataset=cfg.data.name,
                   model=cfg.model.name, norm=cfg.model.norm)
+    if export:
+        ckpt.atomic_save(model.state_dict(), export)
+        result["export"] = export
     return result
 
 

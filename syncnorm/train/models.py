@@ -7,7 +7,6 @@ Both are built with the registry's layers (plain ``nn.BatchNorm*`` for ``bn`` an
 from functools import partial
 from typing import Sequence
 
-import torch
 from torch import nn
 
 import syncnorm
@@ -88,5 +87,5 @@ def to_plain(model: nn.Module) -> nn.Module:
     return syncnorm.revert_sync_batchnorm(model)
 
 
-__all__ = ["ACTIVATION_NAMES", "LeNet", "MODEL_NAMES", "build_model", "resnet18_cifar", "to_plain",
-           "count_parameters", "has_sync_batchnorm", "torch"]
+__all__ = ["ACTIVATION_NAMES", "LeNet", "MODEL_NAMES", "build_model", "count_parameters", "has_sync_batchnorm",
+           "resnet18_cifar", "to_plain"]
