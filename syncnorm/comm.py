@@ -3,7 +3,8 @@
 What goes over the wire per SyncBatchNorm layer and training step:
 
 * forward: one ``all_gather`` of ``1 + 2C`` floats per rank (count, mean, variance);
-* backward: one sum of ``2C`` floats (``sum_dy``, ``sum_dy_xmu``) across ranks;
+* backward: one sum of ``2C`` floats (``sum_dy``, ``invstd * sum_dy_xmu``) across ranks, an
+  all_gather + local sum on CPU for up to ``GATHER_SUM_MAX_WORLD`` ranks, an all_reduce otherwise;
 * once per layer, before its first synced forward: one ``all_gather`` of the channel count, so that
   ranks that built different models get an error naming the counts instead of a crash inside gloo.
 
@@ -22,10 +23,13 @@ ProcessGroup = Optional["dist.ProcessGroup"]
 # torch 2.14 renamed all_gather_into_tensor (older releases only have the old name).
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-# Largest group for which the backward sum is an all_gather followed by a local sum instead of an
-# all_reduce. On CPU/gloo the collectives are latency-bound and at two ranks one all_gather is faster
-# than one all_reduce (see benchmarks/bench_layer.py); both give identical sums on every rank.
-GATHER_SUM_MAX_WORLD = 0
+# Largest group for which the backward sum of CPU tensors is an all_gather followed by a local sum
+# instead of an all_reduce. On CPU/gloo these tiny collectives are latency-bound, and gloo's all_gather
+# beat its all_reduce at every size measured with 2, 3 and 4 ranks (about 0.5 vs 0.6 ms at 2 ranks on
+# 2 cores; `python benchmarks/bench_layer.py --collectives-only --world-size N` re-measures it). Both
+# give the same sums on every rank. Larger groups, and CUDA tensors (NCCL), keep all_reduce: not
+# measured, and all_gather's output grows with the group.
+GATHER_SUM_MAX_WORLD = 4
 
 
 def is_distributed() -> bool:
@@ -49,9 +53,9 @@ def group_ranks(group: ProcessGroup = None) -> List[int]:
 
 def all_gather(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     """Stack every rank's 1-D ``tensor`` into a ``(world, len)`` tensor. All ranks must call this."""
-    if world_size(group) == 1:
-        return tensor.unsqueeze(0)
     size = world_size(group)
+    if size == 1:
+        return tensor.unsqueeze(0)
     gathered = tensor.new_empty(size * tensor.numel())  # gloo wants a flat output
     _all_gather_flat(gathered, tensor.contiguous(), group=group)
     return gathered.view(size, tensor.numel())
@@ -65,8 +69,13 @@ def sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     size = world_size(group)
     if size == 1:
         return tensor
-    if size <= GATHER_SUM_MAX_WORLD:
-        return all_gather(tensor, group).sum(0)
+    if size <= GATHER_SUM_MAX_WORLD and tensor.device.type == "cpu":
+        gathered = all_gather(tensor, group)
+        if size == 2:
+            # Two rows: one in-place add; a reduction over a dimension of 2 costs several times more.
+            first, second = gathered.unbind(0)
+            return first.add_(second)
+        return gathered.sum(0)
     dist.all_reduce(tensor, group=group)
     return tensor
 

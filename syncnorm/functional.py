@@ -5,7 +5,7 @@ step; deciding *whether* to sync (eval mode, one rank, no process group) is the 
 and ``sync_batch_norm`` makes that decision for functional users.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm whose statistics span every rank of ``process_group``. All ranks must call it.
 
     Forward: local ``(count, mean, var)`` -> one all_gather -> exact global mean/variance -> normalize.
-    Backward: local ``(sum_dy, sum_dy_xmu)`` -> one all-rank sum -> input gradient.
+    Backward: local ``(sum_dy, invstd * sum_dy_xmu)`` -> one all-rank sum -> input gradient.
     """
 
     @staticmethod
@@ -38,9 +38,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
         # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
         gathered = comm.all_gather(stats.pack_stats(count, mean, var), process_group)
-        counts, means, vars = stats.unpack_stats(gathered)
+        # The counts as Python numbers (one small copy): the checks and weights below then cost no ops.
+        counts = gathered[:, 0].tolist()
         _raise_if_any_rank_invalid(counts, process_group)
-        total = int(counts.sum().item())
+        total = int(sum(counts))
         if total == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training across all ranks "
@@ -49,16 +50,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
         ctx.process_group = process_group
         ctx.total = total
+        ctx.eps = eps
         if total == 0:
             # Every rank's batch is empty: nothing to normalize, and the running statistics stay
             # as they are (as in BatchNorm). Every rank knows this, so backward sends nothing.
             ctx.save_for_backward(input, weight)
             return torch.empty_like(input)
 
-        global_mean, global_var = stats.combine_stats(counts, means, vars)
+        global_mean, global_var = stats.combine_gathered(gathered, counts)
         stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
-        invstd = torch.rsqrt(global_var + eps)
-        ctx.save_for_backward(input, weight, global_mean, invstd)
+        # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
+        ctx.save_for_backward(input, weight, global_mean, global_var)
         return stats.normalize(input, global_mean, global_var, weight, bias, eps)
 
     @staticmethod
@@ -75,39 +77,32 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 None, None, None, None, None,
             )
 
-        input, weight, mean, invstd = ctx.saved_tensors
-        sum_dy, sum_dy_xmu = stats.grad_sums(grad_output, input, mean)
+        input, weight, mean, var = ctx.saved_tensors
+        # One native pass gives sum(dy) and the local weight gradient invstd * sum(dy * (x - mean)).
+        sum_dy, grad_weight_local = stats.grad_sums_scaled(grad_output, input, mean, var, ctx.eps)
 
         grad_input = grad_weight = grad_bias = None
         if need_input_grad:
             # Every rank knows whether its input needs a gradient (the model is the same on all of
             # them), so the collective is skipped consistently, e.g. for a first layer fed data.
-            global_sums = comm.sum_across_ranks(torch.cat([sum_dy, sum_dy_xmu]), ctx.process_group)
-            global_sum_dy, global_sum_dy_xmu = global_sums.chunk(2)
-            grad_input = stats.input_grad(
-                grad_output,
-                input,
-                mean,
-                invstd,
-                weight,
-                global_sum_dy / ctx.total,
-                global_sum_dy_xmu / ctx.total,
+            global_sums = comm.sum_across_ranks(torch.cat([sum_dy, grad_weight_local]), ctx.process_group)
+            grad_input = stats.input_grad_from_sums(
+                grad_output, input, mean, var, ctx.eps, weight, global_sums, ctx.total
             )
         # Weight and bias gradients stay local on purpose: DistributedDataParallel averages parameter
         # gradients across ranks, so reducing them here as well would count them twice.
         if need_weight_grad:
-            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
+            grad_weight = stats._cast(grad_weight_local, weight.dtype)
         if need_bias_grad:
-            grad_bias = sum_dy.to(weight.dtype if weight is not None else grad_output.dtype)
+            grad_bias = stats._cast(sum_dy, weight.dtype if weight is not None else grad_output.dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _raise_if_any_rank_invalid(counts: Tensor, process_group: comm.ProcessGroup) -> None:
+def _raise_if_any_rank_invalid(counts: List[float], process_group: comm.ProcessGroup) -> None:
     """Raise on this rank when another rank flagged its input as invalid in the gather."""
-    invalid = (counts == stats.INVALID_COUNT).nonzero().flatten().tolist()
-    if invalid:
+    if stats.INVALID_COUNT in counts:
         ranks = comm.group_ranks(process_group)
-        names = ", ".join(str(ranks[i]) for i in invalid)
+        names = ", ".join(str(ranks[i]) for i, count in enumerate(counts) if count == stats.INVALID_COUNT)
         raise ValueError(
             f"SyncBatchNorm got an invalid input on rank(s) {names} (see the error on that rank); "
             "all ranks stop here instead of waiting for it"
