@@ -22,6 +22,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENET = os.path.join(ROOT, "configs", "lenet.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process training with one torch thread: on a shared 2-core machine, 2 threads that compete
+    with other processes can be 10x slower than one. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _launcher():
     spec = importlib.util.spec_from_file_location("launch_train", os.path.join(ROOT, "launch", "train.py"))
     module = importlib.util.module_from_spec(spec)

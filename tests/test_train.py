@@ -16,7 +16,7 @@ from torch import nn
 import syncnorm
 from multiproc import RankFailure, run_ranks
 from syncnorm.train import checkpoint as ckpt
-from syncnorm.train.config import from_dict, to_dict
+from syncnorm.train.config import from_dict, read_yaml as yaml_load, to_dict
 from syncnorm.train.data import batch_indices, build_datasets, mnist5k_arrays
 from syncnorm.train.inits import INIT_NAMES
 from syncnorm.train.loop import evaluate_checkpoint, train
@@ -28,6 +28,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = Reporter(enabled=False)
 # Fields of a metrics row that do not depend on timing.
 DETERMINISTIC = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "samples")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process training with one torch thread: on a shared 2-core machine, 2 threads that compete
+    with other processes can be 10x slower than one. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _state(result):
@@ -249,6 +259,18 @@ def test_norm_and_init_registries():
     resnet = build_model("resnet18", norm="syncbn", in_shape=(3, 32, 32))
     assert resnet.conv1.stride == (1, 1) and isinstance(resnet.maxpool, nn.Identity)
     assert sum(isinstance(m, syncnorm.SyncBatchNorm) for m in resnet.modules()) == 20
+
+
+def test_resnet18_config_trains_through_the_loop(tmp_path):
+    """configs/resnet18_cifar10.yaml's model on small synthetic 3-channel images (CIFAR-10 is not offline)."""
+    cfg = from_dict(dict(to_dict(from_dict(yaml_load(os.path.join(ROOT, "configs", "resnet18_cifar10.yaml")))),
+                         data={"name": "synthetic", "synthetic_samples": 16, "synthetic_shape": [3, 8, 8]},
+                         output_dir=str(tmp_path / "run")))
+    cfg = from_dict(dict(to_dict(cfg), train=dict(to_dict(cfg)["train"], epochs=1, batch_size=8, max_steps=1)))
+    result = train(cfg, reporter=QUIET)
+    assert cfg.model.name == "resnet18" and cfg.model.init == "kaiming_normal"
+    assert result.metrics[0]["samples"] == 8 and 0.0 <= result.metrics[0]["test_acc"] <= 1.0
+    assert sum(isinstance(m, syncnorm.SyncBatchNorm) for m in result.model.modules()) == 20
 
 
 def test_mnist5k_is_real_offline_and_split_deterministically():
