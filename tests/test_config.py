@@ -202,6 +202,16 @@ def test_truncated_checkpoint_is_reported_with_its_path(capsys, tmp_path):
            "truncated or corrupt", str(broken))
 
 
+def test_eval_launcher_bad_checkpoint_is_one_line(capsys, tmp_path):
+    spec = importlib.util.spec_from_file_location("launch_eval", os.path.join(ROOT, "launch", "eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.pt'}"]
+    assert module.main(["--checkpoint", str(tmp_path)]) == 2  # a directory without checkpoints
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: no checkpoint (ckpt_epoch*.pt) in {tmp_path}"]
+
+
 def test_real_command_line_prints_one_line_no_traceback(tmp_path):
     """The same through a real interpreter: nothing but the error line on stderr."""
     path = _write(tmp_path, "c.yaml", "train:\n  lr: -1\n")
