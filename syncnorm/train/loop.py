@@ -337,6 +337,9 @@ def _train(cfg: Config, info: DistInfo, resume, reporter: Reporter, callbacks, r
 
     if info.world_size > 1:
         ddp_kwargs = {"device_ids": [info.local_rank]} if info.device.type == "cuda" else {}
+        # Synced BatchNorm leaves bit-identical running statistics on every rank, so DDP's broadcast of
+        # rank 0's buffers before every forward would be one more collective per step for nothing.
+        ddp_kwargs["broadcast_buffers"] = not has_sync_batchnorm(model_without_ddp)
         model = DistributedDataParallel(model_without_ddp, **ddp_kwargs)
 
     steps = len(train_loader) if t.max_steps is None else min(len(train_loader), t.max_steps)
