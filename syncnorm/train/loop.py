@@ -18,6 +18,7 @@ Hook points for later features, without restructuring:
 """
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -40,6 +41,10 @@ from syncnorm.train.models import build_model, count_parameters, has_sync_batchn
 from syncnorm.train.ui import Reporter
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# DDP's switch for the per-forward buffer broadcast: torch 2.14 renamed broadcast_buffers.
+_DDP_BUFFER_SYNC = ("forward_sync_buffers"
+                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                    else "broadcast_buffers")
 
 
 # --------------------------------------------------------------------------- distributed setup
@@ -339,7 +344,7 @@ def _train(cfg: Config, info: DistInfo, resume, reporter: Reporter, callbacks, r
         ddp_kwargs = {"device_ids": [info.local_rank]} if info.device.type == "cuda" else {}
         # Synced BatchNorm leaves bit-identical running statistics on every rank, so DDP's broadcast of
         # rank 0's buffers before every forward would be one more collective per step for nothing.
-        ddp_kwargs["broadcast_buffers"] = not has_sync_batchnorm(model_without_ddp)
+        ddp_kwargs[_DDP_BUFFER_SYNC] = not has_sync_batchnorm(model_without_ddp)
         model = DistributedDataParallel(model_without_ddp, **ddp_kwargs)
 
     steps = len(train_loader) if t.max_steps is None else min(len(train_loader), t.max_steps)
