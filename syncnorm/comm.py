@@ -12,7 +12,7 @@ Every function here that communicates must be called by all ranks of the group, 
 Without an initialized process group they return the one-process answer, so callers never branch.
 """
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -66,18 +66,39 @@ def sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
 
     Exactly one collective; every rank gets the same bits back.
     """
+    return start_sum_across_ranks(tensor, group)()
+
+
+def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Callable[[], Tensor]:
+    """Start ``sum_across_ranks`` and return a function that waits for it and returns the sum.
+
+    The caller can compute while the collective is in flight (gloo runs it on its own threads).
+    ``tensor`` must not be modified until then. All ranks must call this; exactly one collective.
+    """
     size = world_size(group)
     if size == 1:
-        return tensor
+        return lambda: tensor
     if size <= GATHER_SUM_MAX_WORLD and tensor.device.type == "cpu":
-        gathered = all_gather(tensor, group)
-        if size == 2:
-            # Two rows: one in-place add; a reduction over a dimension of 2 costs several times more.
-            first, second = gathered.unbind(0)
-            return first.add_(second)
-        return gathered.sum(0)
-    dist.all_reduce(tensor, group=group)
-    return tensor
+        gathered = tensor.new_empty(size * tensor.numel())  # gloo wants a flat output
+        work = _all_gather_flat(gathered, tensor.contiguous(), group=group, async_op=True)
+
+        def finish_gather() -> Tensor:
+            work.wait()
+            rows = gathered.view(size, tensor.numel())
+            if size == 2:
+                # Two rows: one in-place add; a reduction over a dimension of 2 costs several times more.
+                first, second = rows.unbind(0)
+                return first.add_(second)
+            return rows.sum(0)
+
+        return finish_gather
+    work = dist.all_reduce(tensor, group=group, async_op=True)
+
+    def finish_reduce() -> Tensor:
+        work.wait()
+        return tensor
+
+    return finish_reduce
 
 
 def verify_num_features(num_features: int, device: torch.device, group: ProcessGroup = None) -> None:

@@ -39,7 +39,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
         gathered = comm.all_gather(stats.pack_stats(count, mean, var), process_group)
         # The counts as Python numbers (one small copy): the checks and weights below then cost no ops.
-        counts = gathered[:, 0].tolist()
+        counts = gathered.select(1, 0).tolist()
         _raise_if_any_rank_invalid(counts, process_group)
         total = int(sum(counts))
         if total == 1:
@@ -85,16 +85,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_input_grad:
             # Every rank knows whether its input needs a gradient (the model is the same on all of
             # them), so the collective is skipped consistently, e.g. for a first layer fed data.
-            global_sums = comm.sum_across_ranks(torch.cat([sum_dy, grad_weight_local]), ctx.process_group)
+            sums = torch.cat([sum_dy, grad_weight_local])
+            finish_sum = comm.start_sum_across_ranks(sums, ctx.process_group)
+            # Everything that needs no other rank's data runs while the sums are in flight.
+            scales = stats.input_grad_scales(input, var, ctx.eps, weight, ctx.total)
             grad_input = stats.input_grad_from_sums(
-                grad_output, input, mean, var, ctx.eps, weight, global_sums, ctx.total
+                grad_output, input, mean, var, ctx.eps, scales, finish_sum()
             )
         # Weight and bias gradients stay local on purpose: DistributedDataParallel averages parameter
         # gradients across ranks, so reducing them here as well would count them twice.
         if need_weight_grad:
-            grad_weight = stats._cast(grad_weight_local, weight.dtype)
+            grad_weight = stats.as_dtype(grad_weight_local, weight.dtype)
         if need_bias_grad:
-            grad_bias = stats._cast(sum_dy, weight.dtype if weight is not None else grad_output.dtype)
+            grad_bias = stats.as_dtype(sum_dy, weight.dtype if weight is not None else grad_output.dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 

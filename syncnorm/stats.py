@@ -11,15 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Fused in-place lerp over a list of tensors (what the optimizers use); a plain loop where missing.
-_foreach_lerp_ = getattr(torch, "_foreach_lerp_", None)
-
 # Count field a rank puts in its statistics packet when its own input was invalid; the other ranks see
 # it after the all_gather and raise too, so a bad input fails on every rank instead of hanging the rest.
 INVALID_COUNT = -1.0
 
 
-def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor.to(dtype)``, skipping the call when it would be a no-op (it still costs a dispatch)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
@@ -107,14 +104,16 @@ def combine_gathered(gathered: Tensor, counts: List[float]) -> Tuple[Tensor, Ten
     channels = (gathered.size(1) - 1) // 2
     total = counts[0] + counts[1]
     weight_a, weight_b = counts[0] / total, counts[1] / total
+    sizes = [1, channels, channels]
     row_a, row_b = gathered.unbind(0)
-    # One op over whole packets: lerp with weight n_b / n is the count-weighted average, i.e. the
-    # global mean and the within-rank part of the variance (the count slot is ignored).
-    combined = torch.lerp(row_a, row_b, weight_b)
+    # Ops over whole packets (count slots ignored), views cut with one split each (narrow and slicing
+    # cost more per call): lerp with weight n_b / n is the count-weighted average, i.e. the global
+    # mean and the within-rank part of the variance.
+    _, global_mean, global_var = row_a.lerp(row_b, weight_b).split_with_sizes(sizes)
+    _, delta, _ = row_b.sub(row_a).split_with_sizes(sizes)
     # Between-rank part: n_a n_b / n^2 * (mean_b - mean_a)^2, a difference of means, no cancellation.
-    delta = torch.sub(row_b.narrow(0, 1, channels), row_a.narrow(0, 1, channels))
-    global_var = combined.narrow(0, 1 + channels, channels).addcmul_(delta, delta, value=weight_a * weight_b)
-    return combined.narrow(0, 1, channels), global_var
+    global_var.addcmul_(delta, delta, value=weight_a * weight_b)
+    return global_mean, global_var
 
 
 def update_running_stats(
@@ -126,29 +125,23 @@ def update_running_stats(
     momentum: float,
 ) -> None:
     """Exponential moving average of the global mean and the *unbiased* global variance, in place."""
-    if running_mean is None and running_var is None:
-        return
-    with torch.no_grad():
-        unbiased_var = var * (total_count / (total_count - 1))
-        if running_mean is not None and running_var is not None and _foreach_lerp_ is not None:
-            # Both buffers in one fused op (lerp is the same moving average): on a per-step path of
-            # tiny vectors, dispatches cost more than arithmetic.
-            _foreach_lerp_(
-                [running_mean, running_var],
-                [_cast(mean, running_mean.dtype), _cast(unbiased_var, running_var.dtype)],
-                momentum,
-            )
-            return
-        if running_mean is not None:
-            running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
-        if running_var is not None:
-            running_var.lerp_(_cast(unbiased_var, running_var.dtype), momentum)
+    if torch.is_grad_enabled():  # entering no_grad costs more than the update when already off
+        with torch.no_grad():
+            return update_running_stats(running_mean, running_var, mean, var, total_count, momentum)
+    if running_mean is not None:
+        running_mean.lerp_(as_dtype(mean, running_mean.dtype), momentum)
+    if running_var is not None:
+        var = as_dtype(var, running_var.dtype)
+        # (1 - m) * running + m * var * n / (n - 1) as a lerp to the biased variance plus
+        # m * var / (n - 1): scalars passed as lerp weight and add alpha cost a fraction of a
+        # tensor-times-Python-number op.
+        running_var.lerp_(var, momentum).add_(var, alpha=momentum / (total_count - 1))
 
 
 def _params_in(dtype: torch.dtype, weight: Optional[Tensor]) -> Optional[Tensor]:
     """``weight`` in the statistics dtype: the native kernels take reduced-precision inputs only with
     float32 parameters."""
-    return None if weight is None else _cast(weight, dtype)
+    return None if weight is None else as_dtype(weight, dtype)
 
 
 def normalize(
@@ -201,17 +194,31 @@ def grad_sums_scaled(
     return sum_dy, grad_weight
 
 
+def input_grad_scales(
+    input: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], total_count: int
+) -> Tuple[Tensor, Tensor]:
+    """The parts of ``input_grad_from_sums`` that need no other rank's data: ``scale = weight * invstd``
+    shaped to broadcast against ``input``, and ``-scale / total_count`` per channel.
+
+    Split out so that they can be computed while the gradient sums are still in flight.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale.mul_(as_dtype(weight, scale.dtype))  # in place on the fresh invstd: one allocation less
+    return scale.view(channel_shape(input)), scale * (-1.0 / total_count)
+
+
 def input_grad_from_sums(
     grad_output: Tensor,
     input: Tensor,
     mean: Tensor,
     var: Tensor,
     eps: float,
-    weight: Optional[Tensor],
+    scales: Tuple[Tensor, Tensor],
     global_sums: Tensor,
-    total_count: int,
 ) -> Tensor:
-    """``input_grad`` from ``global_sums = [sum(dy), invstd * sum(dy * (x - mean))]`` over all ranks.
+    """``input_grad`` from ``global_sums = [sum(dy), invstd * sum(dy * (x - mean))]`` over all ranks and
+    ``scales = input_grad_scales(...)``.
 
     ``dx = scale * dy + slope * (x - mean) * invstd + offset`` per channel, ``scale = weight * invstd``:
     one native eval-mode batch-norm pass over ``x`` (it applies ``invstd`` itself, from ``var``) writes
@@ -219,14 +226,12 @@ def input_grad_from_sums(
     """
     if input.numel() == 0:
         return torch.empty_like(input)  # keeps the memory format, which the kernel does not when empty
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale.mul_(_cast(weight, scale.dtype))  # in place on the fresh invstd: one allocation less
+    scale, scale_over_count = scales
     # Both coefficients in one op: row 0 is the offset -scale * mean_dy, row 1 the slope
     # -scale * invstd * mean_dy_xmu (the kernel multiplies by the other invstd).
-    offset, slope = global_sums.view(2, -1).mul(scale * (-1.0 / total_count)).unbind(0)
+    offset, slope = global_sums.view(2, -1).mul(scale_over_count).unbind(0)
     grad_input = torch.native_batch_norm(input, slope, offset, mean, var, False, 0.0, eps)[0]
-    return grad_input.addcmul_(grad_output, scale.view(channel_shape(input)))
+    return grad_input.addcmul_(grad_output, scale)
 
 
 def input_grad(
