@@ -4,7 +4,8 @@
     python launch/train.py --config configs/lenet.yaml --set train.epochs=3 --set model.norm=gn
     torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml --resume auto
 
-The machinery lives in ``syncnorm.train``; this file only turns user errors into one line + exit 2.
+The machinery lives in ``syncnorm.train``; this file only turns user errors into one line + exit 2,
+and failures of a started run (non-finite loss, a crashed or stuck rank) into one line + exit 1.
 """
 
 import os
@@ -20,6 +21,7 @@ from syncnorm.train.ui import error_line  # noqa: E402
 
 
 def main(argv=None) -> int:
+    from syncnorm.train.loop import CollectiveError, TrainingError
     from syncnorm.train.loop import main as run
 
     try:
@@ -28,6 +30,13 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank fails alike: say it once
             error_line(str(error))
         return 2
+    except CollectiveError as error:  # each surviving rank has its own view (rank 0 may be the lost one)
+        error_line(str(error))
+        return 1
+    except TrainingError as error:  # all ranks agree (e.g. a non-finite loss): say it once
+        if os.environ.get("RANK", "0") == "0":
+            error_line(str(error))
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -26,6 +26,8 @@ from syncnorm.train.errors import CheckpointError
 FORMAT = "syncnorm.train/1"
 REQUIRED_KEYS = ("format", "epoch", "model", "optimizer", "scheduler", "rng", "config", "metrics")
 _NAME = re.compile(r"^ckpt_epoch(\d+)\.pt$")
+# Temp files of atomic_save/atomic_write_text, left behind only when a writer was killed mid-write.
+_TEMP = re.compile(r"^\.(ckpt_epoch\d+\.pt|metrics\.jsonl|config\.yaml)\..+\.tmp$")
 
 
 def checkpoint_path(run_dir: str, epoch: int) -> str:
@@ -106,6 +108,21 @@ def save_checkpoint(run_dir: str, epoch: int, payload: Dict[str, Any], keep: int
         except FileNotFoundError:
             pass
     return path
+
+
+def remove_stale_temp_files(run_dir: str) -> int:
+    """Delete the temp files a killed writer left in ``run_dir`` (never under a checkpoint's name);
+    only the run's rank 0 writes there, and it calls this before its first write."""
+    removed = 0
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            if _TEMP.match(name):
+                try:
+                    os.unlink(os.path.join(run_dir, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def remove_checkpoints(run_dir: str) -> int:

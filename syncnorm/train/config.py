@@ -77,6 +77,9 @@ class TrainConfig:
     drop_last: bool = _opt(True, doc="drop each rank's last incomplete batch")
     max_steps: Optional[int] = _opt(None, ge=1, doc="cap on training steps per epoch (null: no cap)")
     keep_checkpoints: int = _opt(3, ge=1, doc="epoch checkpoints kept in the run directory")
+    nan_policy: str = _opt("stop", choices=("stop", "skip"),
+                           doc="non-finite loss on any rank: stop the run (the last good checkpoint stays) "
+                               "or skip that step's update on every rank")
 
 
 @dataclass(frozen=True)

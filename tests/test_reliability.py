@@ -1,0 +1,290 @@
+"""Issue 6: a killed rank loses at most one epoch, a stuck rank fails fast, bad input fails clearly.
+
+- a worker SIGKILLed under ``torchrun --max-restarts=1 ... --resume auto`` is restarted, the run
+  resumes from the last checkpoint and ends with the metrics of an uninterrupted run;
+- a rank that stalls or raises before a collective makes the others fail within the process-group
+  timeout, with a message naming that rank;
+- a non-finite loss on one rank stops every rank (``train.nan_policy: stop``, naming epoch and step,
+  the last good checkpoint kept) or drops that step on every rank (``skip``);
+- the bad inputs not covered by tests/test_config.py: one line, non-zero exit.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from multiproc import run_ranks
+from syncnorm.train import checkpoint as ckpt
+from syncnorm.train import loop
+from syncnorm.train.config import from_dict, load_config, to_dict
+from syncnorm.train.ui import Reporter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENET = os.path.join(ROOT, "configs", "lenet.yaml")
+QUIET = Reporter(enabled=False)
+DETERMINISTIC = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "samples")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("launch_train", os.path.join(ROOT, "launch", "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _one_line(capsys, argv, code, *fragments):
+    """launch/train.py in-process: exit ``code`` and exactly one stderr line holding ``fragments``."""
+    status = _launcher().main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == code, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def _cfg(out, epochs=2, norm="bn", max_steps=4, **train_keys):
+    return to_dict(from_dict({
+        "model": {"norm": norm}, "data": {"name": "synthetic", "synthetic_samples": 256},
+        "train": {"epochs": epochs, "batch_size": 16, "max_steps": max_steps, "seed": 2, **train_keys},
+        "output_dir": str(out),
+    }))
+
+
+class _Fault:
+    """Wraps ``loop.training_step`` in a rank's process: at call ``at`` (0-based, over the whole run) on
+    rank ``rank`` it poisons the loss or the inputs with NaN, stalls, or raises."""
+
+    def __init__(self, rank, at, kind, seconds=0.0):
+        self.rank, self.at, self.kind, self.seconds = rank, at, kind, seconds
+        self.calls = 0
+        self.original = loop.training_step
+
+    def __call__(self, model, inputs, targets):
+        hit = self.calls == self.at and torch.distributed.get_rank() == self.rank
+        self.calls += 1
+        if hit and self.kind == "nan_input":
+            inputs = inputs.clone()
+            inputs[0] = float("nan")
+        if hit and self.kind == "stall":
+            time.sleep(self.seconds)
+        if hit and self.kind == "raise":
+            raise ValueError("injected data bug")
+        out = self.original(model, inputs, targets)
+        if hit and self.kind == "nan_loss":
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+class _LastStep:
+    """Remembers when the last training step finished."""
+
+    def __init__(self):
+        self.time = time.monotonic()
+
+    def on_step(self, state):
+        self.time = time.monotonic()
+
+
+def _train_with_fault(rank, world_size, cfg, fault):
+    loop.training_step = fault  # this rank's process only (a fresh fork per run)
+    last = _LastStep()
+    try:
+        result = loop.train(from_dict(cfg), reporter=QUIET, callbacks=[last])
+    except Exception as error:  # TrainingError, or the injected bug on the faulty rank
+        return {"error": type(error).__name__, "message": str(error),
+                "seconds_after_last_step": time.monotonic() - last.time}
+    state = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+    return {"error": None, "metrics": result.metrics, "state": state}
+
+
+# --------------------------------------------------------------------------- non-finite loss
+
+
+def test_nan_on_one_rank_stops_every_rank_naming_epoch_and_step(tmp_path):
+    """NaN loss on rank 1 only (local BatchNorm: rank 0's loss is finite), epoch 2, step 3: both ranks
+    stop at the same step (no hang on a collective), epoch 1's checkpoint stays, epoch 2 is not saved."""
+    out = tmp_path / "run"
+    ranks = run_ranks(_train_with_fault, 2, _cfg(out, epochs=3), _Fault(rank=1, at=4 + 2, kind="nan_loss"),
+                      timeout=120)
+    for result in ranks:
+        assert result["error"] == "NonFiniteLossError", result
+        message = result["message"]
+        assert "non-finite training loss at epoch 2, step 3 (on rank 1)" in message
+        assert f"last good checkpoint: {out / 'ckpt_epoch1.pt'}" in message and "nan_policy" in message
+    assert [e for e, _ in ckpt.list_checkpoints(str(out))] == [1]
+    assert ckpt.load_checkpoint(str(out / "ckpt_epoch1.pt"))["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in open(out / "metrics.jsonl")] == [1]
+
+
+def test_nan_skip_drops_the_step_on_every_rank_and_restores_batchnorm(tmp_path):
+    """NaN in rank 1's inputs with SyncBN poisons the global batch statistics, so every rank's loss is
+    NaN: with nan_policy=skip the step is dropped everywhere, the running statistics the forward
+    touched are restored, and the run goes on."""
+    clean = run_ranks(_train_with_fault, 2, _cfg(tmp_path / "clean", norm="syncbn"), _Fault(1, -1, "none"),
+                      timeout=120)
+    skip = run_ranks(_train_with_fault, 2, _cfg(tmp_path / "skip", norm="syncbn", nan_policy="skip"),
+                     _Fault(rank=1, at=1, kind="nan_input"), timeout=120)
+    assert skip[0]["error"] is None and skip[1]["error"] is None
+    rows, clean_rows = skip[0]["metrics"], clean[0]["metrics"]
+    assert [r["skipped_steps"] for r in rows] == [1, 0] and [r["skipped_steps"] for r in clean_rows] == [0, 0]
+    assert rows[0]["samples"] == clean_rows[0]["samples"] - 2 * 16 and rows[1]["samples"] == clean_rows[1]["samples"]
+    state = skip[0]["state"]
+    for key, value in state.items():
+        assert torch.equal(value, skip[1]["state"][key]), key  # the ranks still agree
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+    # The dropped forward's BatchNorm update was undone: one batch fewer tracked than the clean run.
+    tracked = [k for k in state if k.endswith("num_batches_tracked")]
+    assert tracked and all(state[k].item() == clean[0]["state"][k].item() - 1 for k in tracked)
+    written = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl")]
+    assert [r["skipped_steps"] for r in written] == [1, 0]
+
+
+def test_nan_stop_from_the_command_line_is_one_line(capsys, tmp_path):
+    """lr=1e30 without normalization: the first update blows the weights up, step 2's loss is NaN."""
+    _one_line(capsys, ["--config", LENET, "--set", "model.norm=none", "--set", "train.lr=1e30",
+                       "--set", "data.name=synthetic", "--set", "data.synthetic_samples=128",
+                       "--set", "train.batch_size=32", "--set", f"output_dir={tmp_path / 'run'}"],
+              1, "non-finite training loss at epoch 1, step 2", "train.nan_policy=stop",
+              "last good checkpoint: none")
+    assert ckpt.list_checkpoints(str(tmp_path / "run")) == []
+
+
+# --------------------------------------------------------------------------- stuck or crashed rank
+
+
+@pytest.mark.parametrize("kind", ["stall", "raise"])
+def test_a_rank_that_stops_participating_makes_the_others_fail_fast_naming_it(tmp_path, kind):
+    """Rank 1 stalls (longer than the timeout) or raises before its step-2 forward; rank 0 waits in that
+    step's collective and must fail within the 3 s process-group timeout, naming rank 1."""
+    timeout_s = 3
+    cfg = _cfg(tmp_path / "run", epochs=1, norm="syncbn")
+    cfg["dist"]["timeout_s"] = timeout_s
+    fault = _Fault(rank=1, at=1, kind=kind, seconds=timeout_s + 3)  # past the timeout + report wait
+    rank0, rank1 = run_ranks(_train_with_fault, 2, cfg, fault, timeout=60, pg_timeout=timeout_s)
+    if kind == "raise":
+        assert (rank1["error"], rank1["message"]) == ("ValueError", "injected data bug")
+    assert rank0["error"] == "CollectiveError", rank0
+    message = rank0["message"]
+    assert message.startswith("rank 0: a collective failed during training step at epoch 1, step 2: rank 1 ")
+    if kind == "stall":
+        assert f"rank 1 did not join the collective within dist.timeout_s={timeout_s}" in message
+    assert "crashed, was killed, or is stuck" in message and "see its log" in message
+    # The deadline it must not hang past: the timeout, 2 s waiting for the other ranks' reports, slack.
+    assert rank0["seconds_after_last_step"] < timeout_s + 2 + 10
+
+
+# --------------------------------------------------------------------------- SIGKILL under torchrun
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid):
+    """PIDs of every process below ``pid`` (from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _environ(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            pairs = handle.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+
+
+def _worker(torchrun_pid, rank, attempt):
+    for pid in _descendants(torchrun_pid):
+        env = _environ(pid)
+        if env.get("RANK") == str(rank) and env.get("TORCHELASTIC_RESTART_COUNT") == str(attempt):
+            return pid
+    return None
+
+
+def _reference_ranks(rank, world_size, cfg):
+    return loop.train(from_dict(cfg), reporter=QUIET).metrics
+
+
+FAULT_SETTINGS = ["train.epochs=3", "train.batch_size=32", "train.max_steps=40", "train.seed=5"]
+
+
+def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_to_the_same_metrics(tmp_path):
+    """torchrun --max-restarts=1 ... --resume auto; SIGKILL rank 0 (the checkpoint writer) in epoch 2;
+    torchrun restarts both workers, they resume from epoch 1's checkpoint, and the run ends with the
+    metrics of an uninterrupted run of the same config."""
+    out = tmp_path / "run"
+    sets = [arg for s in FAULT_SETTINGS + [f"output_dir={out}"] for arg in ("--set", s)]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node=2", "--max-restarts=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{_free_port()}", os.path.join(ROOT, "launch", "train.py"),
+               "--config", LENET, *sets, "--resume", "auto"]
+    log = tmp_path / "torchrun.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=str(tmp_path), env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not (out / "ckpt_epoch1.pt").exists():
+            assert proc.poll() is None, f"torchrun ended before epoch 1's checkpoint:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no epoch-1 checkpoint in time:\n{log.read_text()}"
+            time.sleep(0.02)
+        victim = _worker(proc.pid, rank=0, attempt=0)
+        assert victim is not None, "rank 0's worker process not found"
+        os.kill(victim, signal.SIGKILL)
+        killed_in_epoch_2 = not (out / "ckpt_epoch2.pt").exists()
+        code = proc.wait(timeout=max(10.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    text = log.read_text()
+    assert code == 0, text
+    assert killed_in_epoch_2, "the kill came after epoch 2's checkpoint: nothing was lost and resumed"
+    assert f"resumed from {out / 'ckpt_epoch1.pt'} (epoch 1 done)" in " ".join(text.split()), text
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # Nothing half-written: every file under a checkpoint name loads, no temp file is left.
+    assert all(ckpt.load_checkpoint(path)["epoch"] == epoch for epoch, path in ckpt.list_checkpoints(str(out)))
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+    # The same config uninterrupted (2 ranks, 1 thread each, in-process): the same numbers.
+    cfg = to_dict(load_config(LENET, FAULT_SETTINGS + [f"output_dir={tmp_path / 'reference'}"]))
+    reference = run_ranks(_reference_ranks, 2, cfg, timeout=180)[0]
+    assert [{k: r[k] for k in DETERMINISTIC} for r in rows] == [{k: r[k] for k in DETERMINISTIC} for r in reference]
