@@ -17,7 +17,7 @@ Fair-shot rules, identical for every norm:
   the global batch, so a config and its 1-process reference get the same LR.
 
     python benchmarks/small_batch_study.py            # ~10 minutes on 2 cores
-    python benchmarks/small_batch_study.py --quick    # smoke run, ~1 minute
+    python benchmarks/small_batch_study.py --quick    # smoke run, ~2 minutes
     python benchmarks/small_batch_study.py --world-size 4   # oversubscribes a 2-core box, slow
 
 Results: a rich table on stdout and, under ``benchmarks/results/``, ``small_batch_study.json`` (every
