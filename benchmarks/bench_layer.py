@@ -253,23 +253,29 @@ def _layer_variant(module: torch.nn.Module, x: Tensor, grad: Tensor, before=None
 
 
 def _collective_variants(channels: int) -> Dict[str, _timing.Variant]:
-    world = dist.get_world_size()
+    """The bare collectives through ``syncnorm.comm``, i.e. with exactly the Python around them that a
+    layer pays: the forward gather, and the backward sum forced to each strategy."""
     packet = torch.randn(1 + 2 * channels)
-    packet_out = torch.empty(world * packet.numel())
-    sums = torch.randn(2 * channels)
-    sums_out = torch.empty(world * sums.numel())
+    sums = torch.zeros(2 * channels)  # zeros: the in-place all_reduce leaves them unchanged
 
     def gather_packet():
-        _all_gather_flat(packet_out, packet)
+        comm.all_gather(packet, None)
 
-    def reduce_sums():
-        dist.all_reduce(sums)
+    def forced_sum(switch):
+        def run():
+            saved, comm.GATHER_SUM_MAX_WORLD = comm.GATHER_SUM_MAX_WORLD, switch
+            try:
+                comm.sum_across_ranks(sums, None)
+            finally:
+                comm.GATHER_SUM_MAX_WORLD = saved
 
-    def gather_sums():
-        _all_gather_flat(sums_out, sums)
-        sums_out.view(world, -1).sum(0)
+        return run
 
-    return {"ag(1+2C)": (None, gather_packet), "ar(2C)": (None, reduce_sums), "ag+sum(2C)": (None, gather_sums)}
+    return {
+        "ag(1+2C)": (None, gather_packet),
+        "ar(2C)": (None, forced_sum(0)),
+        "ag+sum(2C)": (None, forced_sum(ALWAYS_GATHER)),
+    }
 
 
 def collectives_body(rank: int, world_size: int, args: argparse.Namespace) -> Optional[dict]:

@@ -24,11 +24,12 @@ ProcessGroup = Optional["dist.ProcessGroup"]
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 # Largest group for which the backward sum of CPU tensors is an all_gather followed by a local sum
-# instead of an all_reduce. On CPU/gloo these tiny collectives are latency-bound, and gloo's all_gather
-# beat its all_reduce at every size measured with 2, 3 and 4 ranks (about 0.5 vs 0.6 ms at 2 ranks on
-# 2 cores; `python benchmarks/bench_layer.py --collectives-only --world-size N` re-measures it). Both
-# give the same sums on every rank. Larger groups, and CUDA tensors (NCCL), keep all_reduce: not
-# measured, and all_gather's output grows with the group.
+# instead of an all_reduce. On CPU/gloo these tiny collectives are latency-bound and gloo's all_gather
+# is the cheaper one: through this module, all_gather + sum took 0.90-1.01x the all_reduce time at 2
+# ranks (2 cores, C = 6..2048) and 0.64-0.93x at 3 and 4 ranks (oversubscribed); re-measure with
+# `python benchmarks/bench_layer.py --collectives-only --world-size N`. Both give the same sums on
+# every rank. Larger groups, and CUDA tensors (NCCL), keep all_reduce: not measured here, and the
+# all_gather's output grows with the group.
 GATHER_SUM_MAX_WORLD = 4
 
 
