@@ -168,6 +168,36 @@ def test_nan_stop_from_the_command_line_is_one_line(capsys, tmp_path):
     assert ckpt.list_checkpoints(str(tmp_path / "run")) == []
 
 
+# --------------------------------------------------------------------------- bad input not in test_config.py
+
+
+def test_bad_input_gaps_are_one_line_each(capsys, tmp_path):
+    run = tmp_path / "run"
+    tiny = ["--set", "data.name=synthetic", "--set", "data.synthetic_samples=64", "--set", "model.norm=bn",
+            "--set", "train.batch_size=16", "--set", "train.max_steps=1", "--set", f"output_dir={run}"]
+    _one_line(capsys, ["--config", LENET, "--set", "train.nan_policy=ignore"], 2,
+              "train.nan_policy: expected one of stop, skip (got 'ignore')")
+    _one_line(capsys, ["--config", LENET, *tiny, "--resume", str(tmp_path)], 2,
+              "checkpoint path is a directory", "--resume auto")
+    assert _launcher().main(["--config", LENET, *tiny, "--set", "train.epochs=2"]) == 0
+    capsys.readouterr()
+    for _, path in ckpt.list_checkpoints(str(run)):  # every checkpoint of the run damaged
+        open(path, "wb").close()
+    line = _one_line(capsys, ["--config", LENET, *tiny, "--resume", "auto"], 2,
+                     f"--resume auto: no usable checkpoint in {run}", str(run / "ckpt_epoch2.pt"))
+    assert "truncated or corrupt" in line
+
+
+def test_a_config_carrying_code_is_refused(capsys, tmp_path):
+    """yaml.safe_load only: a python/object tag is an error line, and its code never runs."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"train:\n  epochs: !!python/object/apply:os.system ['touch {marker}']\n")
+    _one_line(capsys, ["--config", str(path)], 2, str(path), "line 2", "invalid YAML",
+              "python/object/apply:os.system")
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------------------- stuck or crashed rank
 
 
