@@ -208,7 +208,7 @@ def test_a_rank_that_stops_participating_makes_the_others_fail_fast_naming_it(tm
     timeout_s = 3
     cfg = _cfg(tmp_path / "run", epochs=1, norm="syncbn")
     cfg["dist"]["timeout_s"] = timeout_s
-    fault = _Fault(rank=1, at=1, kind=kind, seconds=timeout_s + 3)  # past the timeout + report wait
+    fault = _Fault(rank=1, at=1, kind=kind, seconds=timeout_s + 5)  # past the timeout + report wait
     rank0, rank1 = run_ranks(_train_with_fault, 2, cfg, fault, timeout=60, pg_timeout=timeout_s)
     if kind == "raise":
         assert (rank1["error"], rank1["message"]) == ("ValueError", "injected data bug")
@@ -267,6 +267,19 @@ def _worker(torchrun_pid, rank, attempt):
     return None
 
 
+def _exit_status(pid):
+    """A finished child's exit code while it is a zombie, "reaped" once its parent collected it, None
+    while it runs (Linux: field 52 of /proc/PID/stat is the wait status)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return "reaped"
+    if fields[0] != "Z":
+        return None
+    return int(fields[49]) >> 8 if len(fields) > 49 else "reaped"
+
+
 def _reference_ranks(rank, world_size, cfg):
     return loop.train(from_dict(cfg), reporter=QUIET).metrics
 
@@ -318,3 +331,46 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_to_the_same_metri
     cfg = to_dict(load_config(LENET, FAULT_SETTINGS + [f"output_dir={tmp_path / 'reference'}"]))
     reference = run_ranks(_reference_ranks, 2, cfg, timeout=180)[0]
     assert [{k: r[k] for k in DETERMINISTIC} for r in rows] == [{k: r[k] for k in DETERMINISTIC} for r in reference]
+
+
+def test_a_stopped_worker_under_torchrun_makes_rank_0_fail_within_the_timeout(tmp_path):
+    """The real thing: SIGSTOP rank 1 under torchrun (a stuck process) after epoch 1. Rank 0 must print
+    one line naming rank 1 and exit 1 within dist.timeout_s (3 s) plus the 2 s it waits for reports."""
+    out = tmp_path / "run"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+               os.path.join(ROOT, "launch", "train.py"), "--config", LENET, "--set", "dist.timeout_s=3",
+               "--set", "train.batch_size=32", "--set", "train.max_steps=20", "--set", f"output_dir={out}"]
+    log = tmp_path / "torchrun.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="400")
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=str(tmp_path), env=env,
+                                start_new_session=True)
+    expected = ("rank 1 did not join the collective within dist.timeout_s=3: it crashed, was killed, or is "
+                "stuck")
+    try:
+        deadline = time.monotonic() + 150
+        while not (out / "ckpt_epoch1.pt").exists():
+            assert proc.poll() is None, f"torchrun ended before epoch 1's checkpoint:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no epoch-1 checkpoint in time:\n{log.read_text()}"
+            time.sleep(0.02)
+        victim, rank0 = _worker(proc.pid, rank=1, attempt=0), _worker(proc.pid, rank=0, attempt=0)
+        assert victim is not None and rank0 is not None, "worker processes not found"
+        os.kill(victim, signal.SIGSTOP)  # stuck: alive, holding its sockets, never joining a collective
+        stopped = time.monotonic()
+        while expected not in log.read_text() or _exit_status(rank0) is None:
+            # The deadline it must not hang past: the timeout, the 2 s report wait, and slack.
+            assert time.monotonic() - stopped < 3 + 2 + 20, f"rank 0 did not fail in time:\n{log.read_text()}"
+            time.sleep(0.1)
+        assert _exit_status(rank0) in (1, "reaped")
+    finally:
+        if proc.poll() is None:  # torchrun would wait 30 s before it SIGKILLs the stopped worker
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("error: rank 0: a collective failed during training step at epoch 2, step "), text
+    assert expected in lines[0] and "see its log" in lines[0], text
+    assert "Traceback" not in text, text  # torchrun's own report comes only after the 30 s it gives workers
+    assert [e for e, _ in ckpt.list_checkpoints(str(out))] == [1]  # the last good checkpoint is kept
