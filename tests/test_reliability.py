@@ -2,8 +2,8 @@
 
 - a worker SIGKILLed under ``torchrun --max-restarts=1 ... --resume auto`` is restarted, the run
   resumes from the last checkpoint and ends with the metrics of an uninterrupted run;
-- a rank that stalls (SIGSTOP under torchrun) or raises before a collective makes the others fail within the process-group
-  timeout, with a message naming that rank;
+- a rank that stalls (SIGSTOP under torchrun) or raises before a collective makes the others fail
+  within the process-group timeout, with a message naming that rank;
 - a non-finite loss on one rank stops every rank (``train.nan_policy: stop``, naming epoch and step,
   the last good checkpoint kept) or drops that step on every rank (``skip``);
 - the bad inputs not covered by tests/test_config.py: one line, non-zero exit.
