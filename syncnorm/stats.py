@@ -8,7 +8,6 @@ float32, float64 inputs stay float64.
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # Count field a rank puts in its statistics packet when its own input was invalid; the other ranks see
@@ -158,23 +157,6 @@ def normalize(
     )[0]
 
 
-def grad_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` over this process's batch, in one pass.
-
-    The eval-mode native backward computes ``grad_weight = sum(dy * (x - running_mean) / sqrt(running_var
-    + eps))``; with ``running_var = 1`` and ``eps = 0`` that is exactly ``sum(dy * (x - mean))``.
-    """
-    if local_count(input) == 0:
-        # The native kernel divides by the count; an empty batch simply contributes zero.
-        zeros = torch.zeros_like(mean)
-        return zeros, zeros.clone()
-    ones = torch.ones_like(mean)
-    _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_output, input, None, mean, ones, None, None, False, 0.0, [False, True, True]
-    )
-    return sum_dy, sum_dy_xmu
-
-
 def grad_sums_scaled(
     grad_output: Tensor, input: Tensor, mean: Tensor, var: Tensor, eps: float
 ) -> Tuple[Tensor, Tensor]:
@@ -217,12 +199,13 @@ def input_grad_from_sums(
     scales: Tuple[Tensor, Tensor],
     global_sums: Tensor,
 ) -> Tensor:
-    """``input_grad`` from ``global_sums = [sum(dy), invstd * sum(dy * (x - mean))]`` over all ranks and
+    """Gradient w.r.t. the input from ``global_sums = [sum(dy), invstd * sum(dy * (x - mean))]`` over all ranks and
     ``scales = input_grad_scales(...)``.
 
     ``dx = scale * dy + slope * (x - mean) * invstd + offset`` per channel, ``scale = weight * invstd``:
     one native eval-mode batch-norm pass over ``x`` (it applies ``invstd`` itself, from ``var``) writes
-    the last two terms and ``addcmul_`` adds the first in place. Same math as ``input_grad``.
+    the last two terms and ``addcmul_`` adds the first in place. The formula:
+    ``dx = weight * invstd * (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu)`` with the global means.
     """
     if input.numel() == 0:
         return torch.empty_like(input)  # keeps the memory format, which the kernel does not when empty
@@ -232,29 +215,3 @@ def input_grad_from_sums(
     offset, slope = global_sums.view(2, -1).mul(scale_over_count).unbind(0)
     grad_input = torch.native_batch_norm(input, slope, offset, mean, var, False, 0.0, eps)[0]
     return grad_input.addcmul_(grad_output, scale)
-
-
-def input_grad(
-    grad_output: Tensor,
-    input: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Optional[Tensor],
-    mean_dy: Tensor,
-    mean_dy_xmu: Tensor,
-) -> Tensor:
-    """Gradient of batch norm's output w.r.t. its input, given the *global* means of ``dy`` and
-    ``dy * (x - mean)``:
-
-    ``dx = weight * invstd * (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu)``
-
-    Per channel this is ``scale * dy + slope * (x - mean) + offset``; the last two terms are one native
-    eval-mode batch-norm pass over ``x`` and the first is added in place, so there are two passes and
-    no temporaries besides the result.
-    """
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    slope = -scale * invstd * invstd * mean_dy_xmu
-    offset = -scale * mean_dy
-    ones = torch.ones_like(mean)
-    grad_input = F.batch_norm(input, mean, ones, slope, offset, False, 0.0, 0.0)
-    return grad_input.addcmul_(grad_output, scale.view(channel_shape(input)))

@@ -39,22 +39,25 @@ def test_reduced_precision_statistics_accumulate_in_float32(dtype):
     torch.testing.assert_close(var.double(), exact.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=0)
 
 
-def test_grad_sums_and_input_grad_match_autograd_of_batchnorm():
+def test_backward_pieces_match_autograd_of_batchnorm():
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(6, 3, 5, 2, dtype=torch.float64, generator=generator).contiguous(
         memory_format=torch.channels_last
     )
     dy = torch.randn(x.shape, dtype=torch.float64, generator=generator)
     weight = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    eps = 1e-5
     count, mean, var = stats.local_stats(x)
-    invstd = torch.rsqrt(var + 1e-5)
+    invstd = torch.rsqrt(var + eps)
 
-    sum_dy, sum_dy_xmu = stats.grad_sums(dy, x, mean)
-    torch.testing.assert_close(sum_dy, dy.sum(dim=(0, 2, 3)))
-    torch.testing.assert_close(sum_dy_xmu, (dy * (x - mean.view(1, 3, 1, 1))).sum(dim=(0, 2, 3)))
+    sum_dy, grad_weight = stats.grad_sums_scaled(dy, x, mean, var, eps)
+    torch.testing.assert_close(sum_dy, dy.sum(dim=(0, 2, 3)), rtol=0, atol=1e-12)
+    x_hat = (x - mean.view(1, 3, 1, 1)) * invstd.view(1, 3, 1, 1)
+    torch.testing.assert_close(grad_weight, (dy * x_hat).sum(dim=(0, 2, 3)), rtol=0, atol=1e-12)
 
-    grad_input = stats.input_grad(dy, x, mean, invstd, weight, sum_dy / count, sum_dy_xmu / count)
+    scales = stats.input_grad_scales(x, var, eps, weight, count)
+    grad_input = stats.input_grad_from_sums(dy, x, mean, var, eps, scales, torch.cat([sum_dy, grad_weight]))
     x_leaf = x.clone().requires_grad_()
-    torch.nn.functional.batch_norm(x_leaf, None, None, weight, None, True, 0.0, 1e-5).backward(dy)
+    torch.nn.functional.batch_norm(x_leaf, None, None, weight, None, True, 0.0, eps).backward(dy)
     torch.testing.assert_close(grad_input, x_leaf.grad, rtol=0, atol=1e-12)
     assert grad_input.is_contiguous(memory_format=torch.channels_last)
