@@ -374,3 +374,22 @@ def test_a_stopped_worker_under_torchrun_makes_rank_0_fail_within_the_timeout(tm
     assert expected in lines[0] and "see its log" in lines[0], text
     assert "Traceback" not in text, text  # torchrun's own report comes only after the 30 s it gives workers
     assert [e for e, _ in ckpt.list_checkpoints(str(out))] == [1]  # the last good checkpoint is kept
+
+
+def test_single_machine_runs_put_gloo_on_loopback(monkeypatch):
+    """gloo listens where GLOO_SOCKET_IFNAME says, else on the host name's address: the launcher
+    sets ``lo`` when every rank is on this machine, and leaves a multi-machine run or a user's choice
+    alone."""
+    calls = []
+    monkeypatch.setattr(loop.dist, "init_process_group", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    timeout = loop.timedelta(seconds=5)
+    lo = "lo" if "lo" in [name for _, name in socket.if_nameindex()] else None  # Linux
+    for local_world, world, before, after in [(2, 2, None, lo), (2, 4, None, None), (2, 2, "eth7", "eth7")]:
+        if before is None:
+            monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+        else:
+            monkeypatch.setenv("GLOO_SOCKET_IFNAME", before)
+        loop.init_group("gloo", 0, world, timeout, local_world)
+        assert os.environ.get("GLOO_SOCKET_IFNAME") == after, (local_world, world, before)
+    assert len(calls) == 3 and all(c["timeout"] == timeout for c in calls)

@@ -31,6 +31,7 @@ import inspect
 import json
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -124,7 +125,7 @@ def setup_distributed(cfg: Config) -> DistInfo:
             torch.cuda.set_device(local_rank)
         if owns:
             try:
-                init_group(backend, rank, world, timedelta(seconds=cfg.dist.timeout_s))
+                init_group(backend, rank, world, timedelta(seconds=cfg.dist.timeout_s), local_world)
             except Exception as error:
                 if not is_collective_failure(error):
                     raise
@@ -136,8 +137,12 @@ def setup_distributed(cfg: Config) -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, str(backend), device, owns)
 
 
-def init_group(backend: str, rank: int, world: int, timeout: timedelta) -> None:
+def init_group(backend: str, rank: int, world: int, timeout: timedelta, local_world: int = 0) -> None:
     """``init_process_group`` from torchrun's environment.
+
+    When every rank runs on this machine (``local_world == world``) and ``GLOO_SOCKET_IFNAME`` is not
+    set, gloo is put on the loopback interface (Linux ``lo``): by default it listens on the address
+    the host name resolves to, which may be a network interface.
 
     Under torchrun with the c10d rendezvous the agent hosts one TCPStore for the workers and keeps it
     across restarts (pytorch/pytorch#135712), so restarted workers can read the previous attempt's keys
@@ -145,6 +150,12 @@ def init_group(backend: str, rank: int, world: int, timeout: timedelta) -> None:
     init, and the restart is lost). Keys get a per-attempt prefix here (torchrun restarts the whole
     worker group, so every rank has the same ``TORCHELASTIC_RESTART_COUNT``).
     """
+    if backend == "gloo" and local_world == world and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        try:
+            if "lo" in [name for _, name in socket.if_nameindex()]:
+                os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        except (AttributeError, OSError):
+            pass
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and attempt is not None:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
