@@ -13,8 +13,9 @@ Usage from a benchmark script::
         if result is not None:
             print(result)
 
-* Plain ``python benchmarks/x.py``: spawns ``world_size`` processes that join a gloo group through a
-  FileStore in a fresh temporary directory (no port needed) and returns rank 0's value in the parent.
+* Plain ``python benchmarks/x.py``: starts ``world_size`` processes with ``syncnorm.testing.run_ranks``
+  (a gloo group through a FileStore in a fresh temporary directory, no port needed) and returns rank
+  0's value in the parent.
 * ``torchrun --nproc-per-node N benchmarks/x.py``: each torchrun worker joins the group from the
   ``env://`` variables and runs ``body`` in place; ``launch`` returns the value on rank 0 and None on
   the others, so the caller's "print on rank 0" logic is the same in both modes.
@@ -24,20 +25,14 @@ machine's cores, and more threads per rank only add contention), and a process-g
 crashed peer ends the run instead of hanging it.
 """
 
-import multiprocessing
 import os
-import queue
-import shutil
-import tempfile
-import time
-import traceback
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-_SPAWN = multiprocessing.get_context("spawn")
+from syncnorm.testing import RankFailure, run_ranks
 
 
 class LaunchError(RuntimeError):
@@ -61,22 +56,6 @@ def _setup(threads: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or work already started in this process
         pass
-
-
-def _spawned_rank(rank, world_size, store_path, backend, threads, pg_timeout, fn, args, results):
-    _setup(threads)
-    try:
-        store = dist.FileStore(store_path, world_size)
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
-        )
-        try:
-            value = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, True, value if rank == 0 else None))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
 
 
 def launch(
@@ -108,47 +87,10 @@ def launch(
 
 
 def _spawn(fn, world_size, args, backend, threads, timeout, pg_timeout):
-    workdir = tempfile.mkdtemp(prefix="syncnorm-bench-")
-    results = _SPAWN.Queue()
-    processes = [
-        _SPAWN.Process(
-            target=_spawned_rank,
-            args=(rank, world_size, os.path.join(workdir, "store"), backend, threads, pg_timeout, fn, args,
-                  results),
-            name=f"bench-rank{rank}",
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    outcome = {}
+    # The same harness the tests use: forkserver ranks, FileStore rendezvous, deadlines, tracebacks.
     try:
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + timeout
-        while len(outcome) < world_size and time.monotonic() < deadline:
-            try:
-                rank, ok, payload = results.get(timeout=0.5)
-            except queue.Empty:
-                if all(not p.is_alive() for r, p in enumerate(processes) if r not in outcome):
-                    break  # every rank that has not reported is dead
-                continue
-            outcome[rank] = (ok, payload)
-            if not ok:  # the others will stall in a collective: give them a moment, then stop
-                deadline = min(deadline, time.monotonic() + 10.0)
-    finally:
-        for process in processes:
-            process.join(timeout=5.0 if len(outcome) == world_size else 0.1)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5.0)
-        results.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    failures = [
-        f"rank {rank}: " + ("no result (killed or crashed)" if rank not in outcome else outcome[rank][1])
-        for rank in range(world_size)
-        if rank not in outcome or not outcome[rank][0]
-    ]
-    if failures:
-        raise LaunchError(f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(failures))
-    return outcome[0][1]
+        results = run_ranks(fn, world_size, *args, timeout=timeout, pg_timeout=pg_timeout, backend=backend,
+                            threads=threads)
+    except RankFailure as failure:
+        raise LaunchError(str(failure)) from None
+    return results[0]

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 import syncnorm
-from multiproc import run_ranks
+from syncnorm.testing import run_ranks
 
 
 def _all_gather_rows(local, sizes):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from multiproc import run_ranks
+from syncnorm.testing import run_ranks
 from reference import compare, make_case, run_cases_on_rank, run_layer_on_rank
 
 SHAPES = {

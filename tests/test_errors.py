@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import syncnorm
-from multiproc import run_ranks
+from syncnorm.testing import run_ranks
 
 
 def _expect_errors(rank, world_size, scenario):

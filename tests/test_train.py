@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import syncnorm
-from multiproc import RankFailure, run_ranks
+from syncnorm.testing import RankFailure, run_ranks
 from syncnorm.train import checkpoint as ckpt
 from syncnorm.train.config import from_dict, read_yaml as yaml_load, to_dict
 from syncnorm.train.data import batch_indices, build_datasets, mnist5k_arrays
