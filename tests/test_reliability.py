@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from multiproc import run_ranks
+from syncnorm.testing import run_ranks
 from syncnorm.train import checkpoint as ckpt
 from syncnorm.train import loop
 from syncnorm.train.config import from_dict, load_config, to_dict
