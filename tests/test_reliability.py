@@ -314,7 +314,12 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_to_the_same_metri
         killed_in_epoch_2 = not (out / "ckpt_epoch2.pt").exists()
         code = proc.wait(timeout=max(10.0, deadline - time.monotonic()))
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failure above: no worker may outlive the test
+            for pid in _descendants(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
     text = log.read_text()
@@ -364,9 +369,16 @@ def test_a_stopped_worker_under_torchrun_makes_rank_0_fail_within_the_timeout(tm
             time.sleep(0.1)
         assert _exit_status(rank0) in (1, "reaped")
     finally:
-        if proc.poll() is None:  # torchrun would wait 30 s before it SIGKILLs the stopped worker
+        # torchrun would wait 30 s before it SIGKILLs the stopped worker; the workers are not in
+        # torchrun's process group, so kill each of them by pid, then torchrun's group.
+        for pid in _descendants(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        proc.wait(timeout=10)
     text = log.read_text()
     lines = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, text
