@@ -1,6 +1,5 @@
 """gradcheck across ranks, and DDP training that equals one process on the N-times batch."""
 
-import copy
 
 import torch
 import torch.distributed as dist

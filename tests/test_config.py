@@ -1,6 +1,5 @@
 """Config loading and every bad input of launch/train.py: one clear line on stderr, exit status 2."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,31 +16,12 @@ from syncnorm.train.inits import INIT_NAMES
 from syncnorm.train.loop import train
 from syncnorm.train.norms import NORM_NAMES
 from syncnorm.train.ui import Reporter
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LENET = os.path.join(ROOT, "configs", "lenet.yaml")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process training with one torch thread: on a shared 2-core machine, 2 threads that compete
-    with other processes can be 10x slower than one. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _launcher():
-    spec = importlib.util.spec_from_file_location("launch_train", os.path.join(ROOT, "launch", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from trainkit import LENET, ROOT, load_launcher
 
 
 def _fails(capsys, argv, *fragments):
     """Run launch/train.py's main in-process: exit 2 and exactly one stderr line holding ``fragments``."""
-    code = _launcher().main(argv)
+    code = load_launcher().main(argv)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2, err
@@ -166,7 +146,7 @@ def _tiny_run(tmp_path, norm="bn", epochs=1, **train_keys):
 
 def test_checkpoint_from_a_different_model_names_the_keys(capsys, tmp_path):
     result = _tiny_run(tmp_path, norm="bn")
-    line = _fails(capsys, ["--config", LENET, "--set", "model.norm=gn", "--set", "data.name=synthetic",
+    _fails(capsys, ["--config", LENET, "--set", "model.norm=gn", "--set", "data.name=synthetic",
                            "--set", f"output_dir={tmp_path / 'other'}", "--resume", result.last_checkpoint],
                   "different model", result.last_checkpoint, "unexpected", "running_mean")
 
@@ -203,9 +183,7 @@ def test_truncated_checkpoint_is_reported_with_its_path(capsys, tmp_path):
 
 
 def test_eval_launcher_bad_checkpoint_is_one_line(capsys, tmp_path):
-    spec = importlib.util.spec_from_file_location("launch_eval", os.path.join(ROOT, "launch", "eval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_launcher("eval")
     assert module.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.pt'}"]
     assert module.main(["--checkpoint", str(tmp_path)]) == 2  # a directory without checkpoints

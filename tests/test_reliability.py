@@ -9,7 +9,6 @@
 - the bad inputs not covered by tests/test_config.py: one line, non-zero exit.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,39 +17,18 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from syncnorm.testing import run_ranks
 from syncnorm.train import checkpoint as ckpt
 from syncnorm.train import loop
 from syncnorm.train.config import from_dict, load_config, to_dict
-from syncnorm.train.ui import Reporter
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LENET = os.path.join(ROOT, "configs", "lenet.yaml")
-QUIET = Reporter(enabled=False)
-DETERMINISTIC = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "samples")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _launcher():
-    spec = importlib.util.spec_from_file_location("launch_train", os.path.join(ROOT, "launch", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from trainkit import DETERMINISTIC, LENET, QUIET, ROOT, free_port, load_launcher
 
 
 def _one_line(capsys, argv, code, *fragments):
     """launch/train.py in-process: exit ``code`` and exactly one stderr line holding ``fragments``."""
-    status = _launcher().main(argv)
+    status = load_launcher().main(argv)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert status == code, err
@@ -182,7 +160,7 @@ def test_bad_input_gaps_are_one_line_each(capsys, tmp_path):
               "train.nan_policy: expected one of stop, skip (got 'ignore')")
     _one_line(capsys, ["--config", LENET, *tiny, "--resume", str(tmp_path)], 2,
               "checkpoint path is a directory", "--resume auto")
-    assert _launcher().main(["--config", LENET, *tiny, "--set", "train.epochs=2"]) == 0
+    assert load_launcher().main(["--config", LENET, *tiny, "--set", "train.epochs=2"]) == 0
     capsys.readouterr()
     for _, path in ckpt.list_checkpoints(str(run)):  # every checkpoint of the run damaged
         open(path, "wb").close()
@@ -223,12 +201,6 @@ def test_a_rank_that_raises_before_a_collective_makes_the_others_fail_fast_namin
 
 
 # --------------------------------------------------------------------------- SIGKILL under torchrun
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pid):
@@ -295,7 +267,7 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_to_the_same_metri
     sets = [arg for s in FAULT_SETTINGS + [f"output_dir={out}"] for arg in ("--set", s)]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [torchrun, "--nproc_per_node=2", "--max-restarts=1", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{_free_port()}", os.path.join(ROOT, "launch", "train.py"),
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", os.path.join(ROOT, "launch", "train.py"),
                "--config", LENET, *sets, "--resume", "auto"]
     log = tmp_path / "torchrun.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -343,7 +315,7 @@ def test_a_stopped_worker_under_torchrun_makes_rank_0_fail_within_the_timeout(tm
     one line naming rank 1 and exit 1 within dist.timeout_s (3 s) plus the 2 s it waits for reports."""
     out = tmp_path / "run"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [torchrun, "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+    command = [torchrun, "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
                os.path.join(ROOT, "launch", "train.py"), "--config", LENET, "--set", "dist.timeout_s=3",
                "--set", "train.batch_size=32", "--set", "train.max_steps=20", "--set", f"output_dir={out}"]
     log = tmp_path / "torchrun.log"

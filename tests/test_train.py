@@ -4,7 +4,6 @@ and the README command under torchrun."""
 import importlib.resources
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,22 +21,7 @@ from syncnorm.train.inits import INIT_NAMES
 from syncnorm.train.loop import evaluate_checkpoint, train
 from syncnorm.train.models import build_model
 from syncnorm.train.norms import NORM_NAMES
-from syncnorm.train.ui import Reporter
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUIET = Reporter(enabled=False)
-# Fields of a metrics row that do not depend on timing.
-DETERMINISTIC = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "samples")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process training with one torch thread: on a shared 2-core machine, 2 threads that compete
-    with other processes can be 10x slower than one. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from trainkit import DETERMINISTIC, QUIET, ROOT, free_port
 
 
 def _state(result):
@@ -294,16 +278,10 @@ def test_mnist5k_is_real_offline_and_split_deterministically():
 # --------------------------------------------------------------------------- the README command
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_readme_command_under_torchrun_learns_and_eval_agrees(tmp_path):
     out = tmp_path / "lenet"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [torchrun, "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+    command = [torchrun, "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
                os.path.join(ROOT, "launch", "train.py"), "--config", os.path.join(ROOT, "configs", "lenet.yaml"),
                "--set", "train.epochs=2", "--set", f"output_dir={out}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
