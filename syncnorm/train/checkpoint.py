@@ -59,14 +59,15 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj)`` to ``path`` through a synced temp file in the same directory + rename."""
+def _atomic_write(path: str, mode: str, write, **open_kwargs) -> None:
+    """Call ``write(handle)`` on a temp file in ``path``'s directory, flush and fsync it, then rename it
+    onto ``path``: a crash leaves the old file or the new one, never half of one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -79,23 +80,14 @@ def atomic_save(obj: Any, path: str) -> None:
     _fsync_dir(directory)
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` through a synced temp file in the same directory + rename."""
+    _atomic_write(path, "wb", lambda handle: torch.save(obj, handle))
+
+
 def atomic_write_text(text: str, path: str) -> None:
     """Write a small text file atomically (same recipe as :func:`atomic_save`)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _atomic_write(path, "w", lambda handle: handle.write(text), encoding="utf-8")
 
 
 def save_checkpoint(run_dir: str, epoch: int, payload: Dict[str, Any], keep: int) -> str:
