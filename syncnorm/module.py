@@ -2,7 +2,6 @@
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
