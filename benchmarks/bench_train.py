@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _launch import launch, under_torchrun  # noqa: E402
+from _timing import quantile  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -102,14 +103,6 @@ def run_config(dataset: str, norm: str, args: argparse.Namespace, world_size: in
         "loop_samples_per_s": statistics.median(m["samples_per_s"] for m in result.metrics[1:]),
         "test_acc": result.metrics[-1]["test_acc"],
     }
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def body(rank: int, world_size: int, configs: Sequence, args: argparse.Namespace) -> List[Dict]:

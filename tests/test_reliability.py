@@ -231,6 +231,17 @@ def _environ(pid):
     return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
 
 
+def _wait_for_epoch_1(out, proc, log, seconds=150):
+    """Wait until the run in ``out`` has written epoch 1's checkpoint; fail if torchrun ends first.
+    Returns the deadline, for the waits that follow."""
+    deadline = time.monotonic() + seconds
+    while not (out / "ckpt_epoch1.pt").exists():
+        assert proc.poll() is None, f"torchrun ended before epoch 1's checkpoint:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no epoch-1 checkpoint in time:\n{log.read_text()}"
+        time.sleep(0.02)
+    return deadline
+
+
 def _worker(torchrun_pid, rank, attempt):
     for pid in _descendants(torchrun_pid):
         env = _environ(pid)
@@ -275,11 +286,7 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_to_the_same_metri
         proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=str(tmp_path), env=env,
                                 start_new_session=True)
     try:
-        deadline = time.monotonic() + 150
-        while not (out / "ckpt_epoch1.pt").exists():
-            assert proc.poll() is None, f"torchrun ended before epoch 1's checkpoint:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no epoch-1 checkpoint in time:\n{log.read_text()}"
-            time.sleep(0.02)
+        deadline = _wait_for_epoch_1(out, proc, log)
         victim = _worker(proc.pid, rank=0, attempt=0)
         assert victim is not None, "rank 0's worker process not found"
         os.kill(victim, signal.SIGKILL)
@@ -326,11 +333,7 @@ def test_a_stopped_worker_under_torchrun_makes_rank_0_fail_within_the_timeout(tm
     expected = ("rank 1 did not join the collective within dist.timeout_s=3: it crashed, was killed, or is "
                 "stuck")
     try:
-        deadline = time.monotonic() + 150
-        while not (out / "ckpt_epoch1.pt").exists():
-            assert proc.poll() is None, f"torchrun ended before epoch 1's checkpoint:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no epoch-1 checkpoint in time:\n{log.read_text()}"
-            time.sleep(0.02)
+        _wait_for_epoch_1(out, proc, log)
         victim, rank0 = _worker(proc.pid, rank=1, attempt=0), _worker(proc.pid, rank=0, attempt=0)
         assert victim is not None and rank0 is not None, "worker processes not found"
         os.kill(victim, signal.SIGSTOP)  # stuck: alive, holding its sockets, never joining a collective
