@@ -54,12 +54,19 @@ def group_ranks(group: ProcessGroup = None) -> List[int]:
 
 def all_gather(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     """Stack every rank's 1-D ``tensor`` into a ``(world, len)`` tensor. All ranks must call this."""
-    size = world_size(group)
-    if size == 1:
+    if world_size(group) == 1:
         return tensor.unsqueeze(0)
+    work, gathered = _start_all_gather(tensor, group)
+    work.wait()
+    return gathered
+
+
+def _start_all_gather(tensor: Tensor, group: ProcessGroup):
+    """Start an all_gather of 1-D ``tensor``; return its work handle and the ``(world, len)`` output."""
+    size = world_size(group)
     gathered = tensor.new_empty(size * tensor.numel())  # gloo wants a flat output
-    _all_gather_flat(gathered, tensor.contiguous(), group=group)
-    return gathered.view(size, tensor.numel())
+    work = _all_gather_flat(gathered, tensor.contiguous(), group=group, async_op=True)
+    return work, gathered.view(size, tensor.numel())
 
 
 def sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
@@ -80,12 +87,10 @@ def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Callab
     if size == 1:
         return lambda: tensor
     if size <= GATHER_SUM_MAX_WORLD and tensor.device.type == "cpu":
-        gathered = tensor.new_empty(size * tensor.numel())  # gloo wants a flat output
-        work = _all_gather_flat(gathered, tensor.contiguous(), group=group, async_op=True)
+        work, rows = _start_all_gather(tensor, group)
 
         def finish_gather() -> Tensor:
             work.wait()
-            rows = gathered.view(size, tensor.numel())
             if size == 2:
                 # Two rows: one in-place add; a reduction over a dimension of 2 costs several times more.
                 first, second = rows.unbind(0)
