@@ -21,7 +21,7 @@ import torch
 
 from syncnorm.testing import run_ranks
 from syncnorm.train import checkpoint as ckpt
-from syncnorm.train import loop
+from syncnorm.train import distributed, loop
 from syncnorm.train.config import from_dict, load_config, to_dict
 from trainkit import DETERMINISTIC, LENET, QUIET, ROOT, free_port, load_launcher
 
@@ -368,15 +368,15 @@ def test_single_machine_runs_put_gloo_on_loopback(monkeypatch):
     sets ``lo`` when every rank is on this machine, and leaves a multi-machine run or a user's choice
     alone."""
     calls = []
-    monkeypatch.setattr(loop.dist, "init_process_group", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *args, **kwargs: calls.append(kwargs))
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    timeout = loop.timedelta(seconds=5)
+    timeout = distributed.timedelta(seconds=5)
     lo = "lo" if "lo" in [name for _, name in socket.if_nameindex()] else None  # Linux
     for local_world, world, before, after in [(2, 2, None, lo), (2, 4, None, None), (2, 2, "eth7", "eth7")]:
         if before is None:
             monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
         else:
             monkeypatch.setenv("GLOO_SOCKET_IFNAME", before)
-        loop.init_group("gloo", 0, world, timeout, local_world)
+        distributed.init_group("gloo", 0, world, timeout, local_world)
         assert os.environ.get("GLOO_SOCKET_IFNAME") == after, (local_world, world, before)
     assert len(calls) == 3 and all(c["timeout"] == timeout for c in calls)

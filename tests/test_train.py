@@ -18,7 +18,8 @@ from syncnorm.train import checkpoint as ckpt
 from syncnorm.train.config import from_dict, read_yaml as yaml_load, to_dict
 from syncnorm.train.data import batch_indices, build_datasets, mnist5k_arrays
 from syncnorm.train.inits import INIT_NAMES
-from syncnorm.train.loop import evaluate_checkpoint, train
+from syncnorm.train.evaluation import evaluate_checkpoint
+from syncnorm.train.loop import train
 from syncnorm.train.models import build_model
 from syncnorm.train.norms import NORM_NAMES
 from trainkit import DETERMINISTIC, QUIET, ROOT, free_port

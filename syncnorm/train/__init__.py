@@ -1,7 +1,13 @@
-"""Training machinery behind ``launch/train.py``: config, data, models, norms, inits, loop, checkpoints.
+"""Training machinery behind ``launch/train.py`` and ``launch/eval.py``.
 
-Layers, bottom up (each imports only those below it): ``errors``; ``norms``, ``inits``, ``data``;
-``models``; ``config``; ``checkpoint``, ``ui``; ``loop``.
+Each module one job, layers bottom up (each imports only those below it):
+
+* ``errors`` (exceptions); ``norms``, ``inits``, ``data``; ``models``; ``config`` (YAML -> typed config)
+* ``failures`` (what a failed collective means); ``distributed`` (process group, threads, DDP)
+* ``checkpoint`` (atomic save, safe load); ``rundir`` (config.yaml, metrics.jsonl); ``ui`` (what rank 0 prints)
+* ``build`` (data, model, optimizer from the config); ``resume`` (restore from a checkpoint)
+* ``loop`` (step, epoch, evaluate; the run: set up -> restore -> start -> epochs -> finish)
+* ``evaluation`` (a checkpoint in one process); ``cli`` (command lines, exit codes)
 """
 
 from syncnorm.train.config import Config, load_config

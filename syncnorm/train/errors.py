@@ -1,7 +1,9 @@
-"""The one exception family for user mistakes (bad config, missing files, bad checkpoint).
+"""The exceptions of the training machinery: user mistakes (:class:`ConfigError`) and failures of a
+started run (:class:`TrainingError`).
 
 ``launch/train.py`` and ``launch/eval.py`` catch :class:`ConfigError` and print its message as one
-line, then exit with status 2. Anything else is a bug and keeps its traceback.
+line, then exit with status 2; ``launch/train.py`` prints a :class:`TrainingError` as one line and exits
+with status 1. Anything else is a bug and keeps its traceback.
 """
 
 
@@ -15,3 +17,17 @@ class DataError(ConfigError):
 
 class CheckpointError(ConfigError):
     """A checkpoint cannot be used (missing, corrupt, unsafe, or saved from a different model)."""
+
+
+class TrainingError(RuntimeError):
+    """A started run cannot go on; the message is one line saying where, why and what to do.
+
+    ``launch/train.py`` prints it as one line and exits with status 1."""
+
+
+class NonFiniteLossError(TrainingError):
+    """``train.nan_policy=stop`` met a NaN/inf loss (on any rank: all ranks raise it together)."""
+
+
+class CollectiveError(TrainingError):
+    """A collective timed out or lost a peer: another rank crashed, was killed, or is stuck."""

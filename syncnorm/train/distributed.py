@@ -1,0 +1,168 @@
+"""The process group from torchrun's environment, and the small helpers that work without one.
+
+:func:`setup_distributed` joins the group torchrun describes (``RANK``, ``WORLD_SIZE``, ...), or
+returns a one-process :class:`DistInfo` for a plain ``python launch/train.py``; every helper here
+(:func:`all_sum`, :func:`broadcast_buffers`, :func:`wrap_ddp`) gives the one-process answer when
+``world_size == 1``, so callers never test for it.
+"""
+
+import inspect
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from syncnorm.train.errors import CollectiveError, ConfigError
+from syncnorm.train.failures import first_line, is_collective_failure
+from syncnorm.train.models import has_sync_batchnorm
+
+# DDP's switch for the per-forward buffer broadcast: torch 2.14 renamed broadcast_buffers.
+DDP_BUFFER_SYNC = ("forward_sync_buffers"
+                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                    else "broadcast_buffers")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    backend: str
+    device: torch.device
+    owns_group: bool  # True when this module initialized the process group (and must destroy it)
+
+
+def choose_backend(requested: str) -> str:
+    """``auto`` -> ``nccl`` when this process has a CUDA device, else ``gloo``."""
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    if requested == "auto":
+        return "nccl" if cuda else "gloo"
+    if requested == "nccl" and not cuda:
+        raise ConfigError("dist.backend: expected auto or gloo on a machine without CUDA (got 'nccl')")
+    return requested
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable (``default`` when unset or empty)."""
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        raise ConfigError(f"environment variable {name}: expected an integer (got {value!r})") from None
+
+
+def setup_distributed(cfg) -> DistInfo:
+    """Join the process group torchrun describes in the environment (``RANK``, ``WORLD_SIZE``, ...).
+
+    Without those variables (a plain ``python launch/train.py``) the run is one process with no group.
+    If a group already exists (tests), it is used as is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        backend = dist.get_backend()
+        local_rank = env_int("LOCAL_RANK", rank)
+        local_world = env_int("LOCAL_WORLD_SIZE", world)
+        owns = False
+    else:
+        world = env_int("WORLD_SIZE", 1)
+        rank = env_int("RANK", 0)
+        local_rank = env_int("LOCAL_RANK", 0)
+        local_world = env_int("LOCAL_WORLD_SIZE", world)
+        backend = choose_backend(cfg.dist.backend)
+        owns = world > 1
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        if owns:
+            try:
+                init_group(backend, rank, world, timedelta(seconds=cfg.dist.timeout_s), local_world)
+            except Exception as error:
+                if not is_collective_failure(error):
+                    raise
+                raise CollectiveError(
+                    f"rank {rank}: joining the process group of {world} ranks failed within "
+                    f"dist.timeout_s={cfg.dist.timeout_s:g}: not every rank started, or the rendezvous address "
+                    f"is unreachable ({first_line(error)})") from None
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return DistInfo(rank, world, local_rank, local_world, str(backend), device, owns)
+
+
+def init_group(backend: str, rank: int, world: int, timeout: timedelta, local_world: int = 0) -> None:
+    """``init_process_group`` from torchrun's environment.
+
+    When every rank runs on this machine (``local_world == world``) and ``GLOO_SOCKET_IFNAME`` is not
+    set, gloo is put on the loopback interface (Linux ``lo``): by default it listens on the address
+    the host name resolves to, which may be a network interface.
+
+    Under torchrun with the c10d rendezvous the agent hosts one TCPStore for the workers and keeps it
+    across restarts (pytorch/pytorch#135712), so restarted workers can read the previous attempt's keys
+    -- e.g. gloo's peer addresses, whose sockets died with the old workers ("Connection refused" at
+    init, and the restart is lost). Keys get a per-attempt prefix here (torchrun restarts the whole
+    worker group, so every rank has the same ``TORCHELASTIC_RESTART_COUNT``).
+    """
+    if backend == "gloo" and local_world == world and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        try:
+            if "lo" in [name for _, name in socket.if_nameindex()]:
+                os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        except (AttributeError, OSError):
+            pass
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and attempt is not None:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"syncnorm/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+
+
+def default_threads(local_world_size: int) -> int:
+    """The default ``dist.threads``: this process's share of the cores it may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def all_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``values`` element-wise over all ranks (one all_reduce; a no-op in one process)."""
+    if info.world_size > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (running statistics) so all ranks evaluate the saved model."""
+    if info.world_size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def one_process() -> DistInfo:
+    """The :class:`DistInfo` of a plain one-process CPU run (no process group)."""
+    return DistInfo(0, 1, 0, 1, "", torch.device("cpu"), False)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` in :class:`DistributedDataParallel` over the process group (``model`` itself in one process)."""
+    if info.world_size == 1:
+        return model
+    ddp_kwargs = {"device_ids": [info.local_rank]} if info.device.type == "cuda" else {}
+    # Synced BatchNorm leaves bit-identical running statistics on every rank, so DDP's broadcast of
+    # rank 0's buffers before every forward would be one more collective per step for nothing.
+    ddp_kwargs[DDP_BUFFER_SYNC] = not has_sync_batchnorm(model)
+    return DistributedDataParallel(model, **ddp_kwargs)
