@@ -48,7 +48,8 @@ def _cfg(out, epochs=2, norm="bn", max_steps=4, **train_keys):
 
 class _Fault:
     """Wraps ``loop.training_step`` in a rank's process: at call ``at`` (0-based, over the whole run) on
-    rank ``rank`` it poisons the loss or the inputs with NaN, or raises."""
+    rank ``rank`` (None: every rank) it poisons the loss or the inputs with NaN, or raises (``kind`` an
+    exception: that one)."""
 
     def __init__(self, rank, at, kind):
         self.rank, self.at, self.kind = rank, at, kind
@@ -56,8 +57,10 @@ class _Fault:
         self.original = loop.training_step
 
     def __call__(self, model, inputs, targets):
-        hit = self.calls == self.at and torch.distributed.get_rank() == self.rank
+        hit = self.calls == self.at and self.rank in (None, torch.distributed.get_rank())  # None: every rank
         self.calls += 1
+        if hit and isinstance(self.kind, BaseException):
+            raise self.kind
         if hit and self.kind == "nan_input":
             inputs = inputs.clone()
             inputs[0] = float("nan")
@@ -198,6 +201,30 @@ def test_a_rank_that_raises_before_a_collective_makes_the_others_fail_fast_namin
     assert "crashed, was killed, or is stuck" in message and "see its log" in message
     # The deadline it must not hang past: the timeout, 2 s waiting for the other ranks' reports, slack.
     assert rank0["seconds_after_last_step"] < timeout_s + 2 + 10
+
+
+UNSUPPORTED = "no support for _allgather_base in Gloo process group"  # torch 2.1's gloo, verbatim
+
+
+def test_an_unsupported_operation_is_not_reported_as_a_lost_peer(tmp_path):
+    """A backend's "no support for ..." mentions gloo, like a lost peer's errors, but no rank is at fault:
+    every rank says what it is in one line (UnsupportedOperationError); any other NotImplementedError
+    keeps its own type and traceback; a real lost peer's error still counts as one."""
+    from syncnorm.train.failures import is_collective_failure
+
+    assert not is_collective_failure(RuntimeError(UNSUPPORTED))
+    assert not is_collective_failure(NotImplementedError("gloo: op not implemented"))
+    assert is_collective_failure(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection "
+                                              "closed by peer [127.0.0.1]:41235"))
+    cfg = _cfg(tmp_path / "run", epochs=1, norm="syncbn")
+    runs = [(cfg, _Fault(rank=None, at=1, kind=RuntimeError(UNSUPPORTED))),
+            (cfg, _Fault(rank=None, at=0, kind=NotImplementedError("a missing kernel")))]
+    for unsupported, other in run_ranks(_train_each, 2, runs, timeout=60):
+        assert unsupported["error"] == "UnsupportedOperationError", unsupported
+        message = unsupported["message"]
+        assert "an operation is not supported during training step at epoch 1, step 2" in message
+        assert UNSUPPORTED in message and "not a lost peer" in message and "crashed" not in message
+        assert (other["error"], other["message"]) == ("NotImplementedError", "a missing kernel")
 
 
 # --------------------------------------------------------------------------- SIGKILL under torchrun

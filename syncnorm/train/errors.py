@@ -31,3 +31,7 @@ class NonFiniteLossError(TrainingError):
 
 class CollectiveError(TrainingError):
     """A collective timed out or lost a peer: another rank crashed, was killed, or is stuck."""
+
+
+class UnsupportedOperationError(TrainingError):
+    """The backend or this torch version lacks an operation the run needs (every rank raises it alike)."""

@@ -18,6 +18,9 @@ import torch.distributed as dist
 _COLLECTIVE_SIGNS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
                      "broken pipe", "connection refused", "gloo", "nccl", "socket")
 _TIMEOUT_SIGNS = ("timed out", "timeout")
+# What a backend says when it lacks an operation (these mention "gloo" too, but no peer is lost).
+_UNSUPPORTED_SIGNS = ("no support for", "not supported", "unsupported", "not implemented")
+_BACKEND_NAMES = ("gloo", "nccl", "mpi", "ucc", "process group", "processgroup", "backend")
 
 
 def first_line(error: BaseException) -> str:
@@ -29,8 +32,24 @@ def first_line(error: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+def is_unsupported_operation(error: BaseException) -> bool:
+    """True for "this backend (or this torch) cannot do that" -- e.g. torch 2.1's gloo ``RuntimeError: no
+    support for _allgather_base in Gloo process group``: a missing feature, not a lost peer."""
+    text = str(error).lower()
+    return isinstance(error, NotImplementedError) or any(sign in text for sign in _UNSUPPORTED_SIGNS)
+
+
+def is_unsupported_backend_operation(error: BaseException) -> bool:
+    """An unsupported operation that the process group's backend names (said in one line; any other
+    unsupported operation, e.g. a missing dtype kernel, keeps its traceback)."""
+    text = str(error).lower()
+    return is_unsupported_operation(error) and any(name in text for name in _BACKEND_NAMES)
+
+
 def is_collective_failure(error: BaseException) -> bool:
     """True for the errors a collective or the store raises when another rank is gone or stuck."""
+    if is_unsupported_operation(error):
+        return False
     dist_error = getattr(dist, "DistError", None)
     if dist_error is not None and isinstance(error, dist_error):
         return True
@@ -67,6 +86,21 @@ def silent_ranks(info, tag: str, wait_s: float) -> Tuple[Optional[List[int]], Li
         return None, []
 
 
+def describe_unsupported_operation(error: BaseException, info, state) -> str:
+    """One line for an operation the backend or this torch version lacks (no rank is at fault)."""
+    backend = f"the {info.backend} backend of " if info.backend else ""
+    return (f"rank {info.rank}: an operation is not supported during {_where(state)} by {backend}torch "
+            f"{torch.__version__} ({type(error).__name__}: {first_line(error)}); this is not a lost peer: use a "
+            f"torch version this syncnorm supports (pyproject.toml's torch requirement) or another backend")
+
+
+def _where(state) -> str:
+    where = state.phase or "training"
+    if state.epoch:
+        where += f" at epoch {state.epoch}" + (f", step {state.step + 1}" if state.phase == "training step" else "")
+    return where
+
+
 def describe_collective_failure(error: BaseException, info, state, timeout_s: float, tag: str,
                                 wait_s: float = 2.0) -> str:
     """One line for a failed collective: where it happened, the likely cause, the timeout, what to do.
@@ -74,9 +108,7 @@ def describe_collective_failure(error: BaseException, info, state, timeout_s: fl
     ``info`` is the rank's :class:`~syncnorm.train.distributed.DistInfo`, ``state`` the loop's
     :class:`~syncnorm.train.loop.LoopState` (phase, epoch, step); ``tag`` keeps one run's failure
     reports in the store apart from another's (see :func:`next_run_tag`)."""
-    where = state.phase or "training"
-    if state.epoch:
-        where += f" at epoch {state.epoch}" + (f", step {state.step + 1}" if state.phase == "training step" else "")
+    where = _where(state)
     missing, earlier = silent_ranks(info, tag, wait_s)
     timed_out = any(sign in str(error).lower() for sign in _TIMEOUT_SIGNS)
     how = (f"did not join the collective within dist.timeout_s={timeout_s:g}" if timed_out

@@ -41,7 +41,8 @@ from syncnorm.train.config import Config, to_dict
 from syncnorm.train.data import make_loaders
 from syncnorm.train.distributed import (DistInfo, all_sum, broadcast_buffers, seed_everything, setup_distributed,
                                         wrap_ddp)
-from syncnorm.train.errors import CollectiveError, DataError, NonFiniteLossError, TrainingError
+from syncnorm.train.errors import (CollectiveError, DataError, NonFiniteLossError, TrainingError,
+                                   UnsupportedOperationError)
 from syncnorm.train.models import count_parameters, has_sync_batchnorm
 from syncnorm.train.resume import restore
 from syncnorm.train.ui import Reporter
@@ -231,6 +232,8 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
     except TrainingError:
         raise
     except Exception as error:
+        if info.world_size > 1 and failures.is_unsupported_backend_operation(error):
+            raise UnsupportedOperationError(failures.describe_unsupported_operation(error, info, state)) from error
         if info.world_size > 1 and failures.is_collective_failure(error):
             timeout_s = failures.group_timeout(cfg.dist.timeout_s)
             raise CollectiveError(failures.describe_collective_failure(error, info, state, timeout_s, tag)) from error
