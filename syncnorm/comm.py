@@ -8,6 +8,11 @@ What goes over the wire per SyncBatchNorm layer and training step:
 * once per layer, before its first synced forward: one ``all_gather`` of the channel count, so that
   ranks that built different models get an error naming the counts instead of a crash inside gloo.
 
+Under ``torch.compile`` the same two collectives are issued as functional collectives
+(``torch.distributed._functional_collectives``), which dynamo traces into the graph; eager code uses
+the c10d calls, which let gloo overlap the backward sum with local work. Neither waits on the host:
+on CUDA both are queued on the stream.
+
 Every function here that communicates must be called by all ranks of the group, in the same order.
 Without an initialized process group they return the one-process answer, so callers never branch.
 """
@@ -17,6 +22,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from syncnorm._compat import is_compiling
 
 ProcessGroup = Optional["dist.ProcessGroup"]
 
@@ -52,10 +59,23 @@ def group_ranks(group: ProcessGroup = None) -> List[int]:
     return dist.get_process_group_ranks(group)
 
 
+def _functional_group(group: ProcessGroup):
+    """The group argument the functional collectives take (they have no "default group")."""
+    return dist.group.WORLD if group is None else group
+
+
 def all_gather(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     """Stack every rank's 1-D ``tensor`` into a ``(world, len)`` tensor. All ranks must call this."""
-    if world_size(group) == 1:
+    size = world_size(group)
+    if size == 1:
         return tensor.unsqueeze(0)
+    if is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+
+        # torch 2.14 renamed all_gather_tensor to all_gather_single (as for the c10d call above).
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        gathered = gather(tensor.contiguous(), 0, _functional_group(group))
+        return gathered.view(size, tensor.numel())
     work, gathered = _start_all_gather(tensor, group)
     work.wait()
     return gathered
@@ -86,6 +106,12 @@ def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Callab
     size = world_size(group)
     if size == 1:
         return lambda: tensor
+    if is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+
+        # The compiler schedules the wait; a functional collective leaves its input untouched.
+        summed = funcol.all_reduce(tensor, "sum", _functional_group(group))
+        return lambda: summed
     if size <= GATHER_SUM_MAX_WORLD and tensor.device.type == "cpu":
         work, rows = _start_all_gather(tensor, group)
 

@@ -13,6 +13,22 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from syncnorm import comm, stats
+from syncnorm._compat import is_compiling
+
+
+def _host_reads_allowed(input: Tensor) -> bool:
+    """Whether the forward may read the gathered counts back to Python.
+
+    Only for CPU tensors in eager mode: they are in host memory already, so the read is free and lets
+    the statistics be combined with fewer ops and errors be raised at once. A CUDA tensor would cost a
+    device-to-host synchronization per layer (and forbid CUDA-graph capture), and under torch.compile
+    a read is a graph break, so those take the on-device path.
+    """
+    return _HOST_READS and input.device.type == "cpu" and not is_compiling()
+
+
+# Tests switch this off to run the on-device path eagerly on CPU.
+_HOST_READS = True
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -20,6 +36,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     Forward: local ``(count, mean, var)`` -> one all_gather -> exact global mean/variance -> normalize.
     Backward: local ``(sum_dy, invstd * sum_dy_xmu)`` -> one all-rank sum -> input gradient.
+
+    For CUDA tensors and under ``torch.compile`` no value is read back to the host: counts, the global
+    count and the empty-batch case stay on the device, and the cross-rank checks are on-device asserts.
     """
 
     @staticmethod
@@ -31,33 +50,35 @@ class SyncBatchNormFunction(torch.autograd.Function):
         running_mean: Optional[Tensor],
         running_var: Optional[Tensor],
         eps: float,
-        momentum: float,
+        momentum: stats.Scalar,
         process_group: comm.ProcessGroup,
     ) -> Tensor:
         count, mean, var = stats.local_stats(input)
         # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
         # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
         gathered = comm.all_gather(stats.pack_stats(count, mean, var), process_group)
-        # The counts as Python numbers (one small copy): the checks and weights below then cost no ops.
-        counts = gathered.select(1, 0).tolist()
-        _raise_if_any_rank_invalid(counts, process_group)
-        total = int(sum(counts))
-        if total == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training across all ranks "
-                f"(got input size {list(input.shape)} on this rank, 1 value per channel in total)"
-            )
-
         ctx.process_group = process_group
-        ctx.total = total
         ctx.eps = eps
-        if total == 0:
-            # Every rank's batch is empty: nothing to normalize, and the running statistics stay
-            # as they are (as in BatchNorm). Every rank knows this, so backward sends nothing.
-            ctx.save_for_backward(input, weight)
-            return torch.empty_like(input)
-
-        global_mean, global_var = stats.combine_gathered(gathered, counts)
+        if _host_reads_allowed(input):
+            # The counts as Python numbers (one small copy): the checks and weights cost no ops.
+            counts = gathered.select(1, 0).tolist()
+            _raise_if_any_rank_invalid(counts, process_group)
+            total = int(sum(counts))
+            if total == 1:
+                raise ValueError(_one_value_message(f"got input size {list(input.shape)} on this rank, "))
+            if total == 0:
+                # Every rank's batch is empty: nothing to normalize, and the running statistics stay
+                # as they are (as in BatchNorm). Every rank knows this, so backward sends nothing.
+                ctx.total = 0
+                ctx.save_for_backward(input, weight)
+                return torch.empty_like(input)
+            global_mean, global_var = stats.combine_gathered(gathered, counts)
+        else:
+            counts = gathered.select(1, 0)
+            total = counts.sum()
+            _assert_counts_on_device(counts, total)
+            global_mean, global_var = stats.combine_stats(*stats.unpack_stats(gathered))
+        ctx.total = total
         stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
         # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
         ctx.save_for_backward(input, weight, global_mean, global_var)
@@ -67,7 +88,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
-        if ctx.total == 0:
+        if isinstance(ctx.total, int) and ctx.total == 0:  # known on the host: skip the collective
             input, weight = ctx.saved_tensors
             zeros = None if weight is None else torch.zeros_like(weight)
             return (
@@ -99,6 +120,24 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_bias_grad:
             grad_bias = stats.as_dtype(sum_dy, weight.dtype if weight is not None else grad_output.dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _one_value_message(detail: str = "") -> str:
+    return f"Expected more than 1 value per channel when training across all ranks ({detail}1 value per channel in total)"
+
+
+def _assert_counts_on_device(counts: Tensor, total: Tensor) -> None:
+    """The per-step cross-rank checks as asserts that run on the device, without a host read.
+
+    On CPU (compiled) they raise ``RuntimeError`` with the message when the step runs; on CUDA they
+    are device-side asserts that surface at the next synchronizing call.
+    """
+    torch._assert_async(
+        (counts != stats.INVALID_COUNT).all(),
+        "SyncBatchNorm got an invalid input on another rank (see the error on that rank); "
+        "all ranks stop here instead of waiting for it",
+    )
+    torch._assert_async(total != 1, _one_value_message("got "))
 
 
 def _raise_if_any_rank_invalid(counts: List[float], process_group: comm.ProcessGroup) -> None:

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncnorm import comm
+from syncnorm._compat import is_compiling
 from syncnorm.functional import input_error, sync_batch_norm
 
 
@@ -108,7 +109,9 @@ class SyncBatchNorm(_BatchNorm):
                 input, running_mean, running_var, self.weight, self.bias,
                 use_batch_stats, average_factor, self.eps,
             )
-        if not self._num_features_verified:
+        if not (self._num_features_verified or is_compiling()):
+            # Eager only: the check reads the gathered counts on the host, which a compiled graph
+            # cannot do, and flipping the flag inside a graph would compile the model a second time.
             comm.verify_num_features(self.num_features, input.device, self.process_group)
             self._num_features_verified = True
         return sync_batch_norm(

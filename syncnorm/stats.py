@@ -5,10 +5,16 @@ tested in a single process against a closed form. Statistics for half-precision 
 float32, float64 inputs stay float64.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from syncnorm._compat import is_compiling
+
+# A count (or momentum) that is either a Python number, known on the host, or a 0-dim tensor that stays
+# on the device (CUDA tensors and anything under torch.compile: reading it would be a host sync).
+Scalar = Union[float, Tensor]
 
 # Count field a rank puts in its statistics packet when its own input was invalid; the other ranks see
 # it after the all_gather and raise too, so a bad input fails on every rank instead of hanging the rest.
@@ -38,8 +44,10 @@ def local_count(input: Tensor) -> int:
 def local_stats(input: Tensor) -> Tuple[int, Tensor, Tensor]:
     """``(count, mean, biased variance)`` per channel of this process's ``input``.
 
-    Uses the native batch-norm statistics kernel (one fused pass, channels_last aware). An empty input
-    gives zero mean and variance, so that a zero count contributes nothing to the combination.
+    Eager code uses the native batch-norm statistics kernel (one fused pass, channels_last aware);
+    under ``torch.compile`` it is ``var_mean``, which the compiler fuses (the native kernel has no
+    fake-tensor implementation, so dynamo cannot trace it). An empty input gives zero mean and
+    variance, so that a zero count contributes nothing to the combination.
     """
     count = local_count(input)
     channels = input.size(1)
@@ -47,6 +55,10 @@ def local_stats(input: Tensor) -> Tuple[int, Tensor, Tensor]:
     if count == 0:
         zeros = torch.zeros(channels, dtype=dtype, device=input.device)
         return 0, zeros, zeros.clone()
+    if is_compiling():
+        reduce_dims = [0] + list(range(2, input.dim()))
+        var, mean = torch.var_mean(as_dtype(input, dtype), dim=reduce_dims, correction=0)
+        return count, mean, var
     if input.dtype == dtype:
         mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
     else:
@@ -81,9 +93,11 @@ def combine_stats(counts: Tensor, means: Tensor, vars: Tensor) -> Tuple[Tensor, 
 
     The parallel formula of Chan et al.: ``M2 = sum_r n_r * (var_r + (mean_r - mean)^2)``. Every term
     is non-negative, so unlike ``E[x^2] - E[x]^2`` nothing cancels when ``|mean| >> std``. Ranks with a
-    zero count contribute nothing. ``counts`` must sum to more than zero.
+    zero count contribute nothing; when every count is zero the result is zeros (not NaN), so that
+    callers that cannot look at the counts on the host still get finite values.
     """
-    total = counts.sum()
+    # Counts are whole numbers: clamping the total at 1 changes nothing unless it is 0.
+    total = counts.sum().clamp_min(1)
     weights = (counts / total).unsqueeze(1)
     global_mean = (weights * means).sum(0)
     deviation = means - global_mean
@@ -120,13 +134,20 @@ def update_running_stats(
     running_var: Optional[Tensor],
     mean: Tensor,
     var: Tensor,
-    total_count: int,
-    momentum: float,
+    total_count: Scalar,
+    momentum: Scalar,
 ) -> None:
-    """Exponential moving average of the global mean and the *unbiased* global variance, in place."""
+    """Exponential moving average of the global mean and the *unbiased* global variance, in place.
+
+    ``total_count`` as a Python number must be at least 2. As a 0-dim tensor (kept on the device) it may
+    be 0, and then the buffers stay as they are, as in BatchNorm on an empty batch; a total of 1 is the
+    caller's error to report.
+    """
     if torch.is_grad_enabled():  # entering no_grad costs more than the update when already off
         with torch.no_grad():
             return update_running_stats(running_mean, running_var, mean, var, total_count, momentum)
+    if isinstance(total_count, Tensor) or isinstance(momentum, Tensor):
+        return _update_running_stats_on_device(running_mean, running_var, mean, var, total_count, momentum)
     if running_mean is not None:
         running_mean.lerp_(as_dtype(mean, running_mean.dtype), momentum)
     if running_var is not None:
@@ -135,6 +156,19 @@ def update_running_stats(
         # m * var / (n - 1): scalars passed as lerp weight and add alpha cost a fraction of a
         # tensor-times-Python-number op.
         running_var.lerp_(var, momentum).add_(var, alpha=momentum / (total_count - 1))
+
+
+def _update_running_stats_on_device(running_mean, running_var, mean, var, total_count, momentum) -> None:
+    """``update_running_stats`` without reading the count or momentum on the host."""
+    total_count = torch.as_tensor(total_count, dtype=mean.dtype, device=mean.device)
+    # An all-empty global batch leaves the buffers alone: lerp with weight 0 returns them unchanged,
+    # and the statistics of an empty batch are finite zeros (see combine_stats).
+    weight = (total_count > 0).to(mean.dtype) * momentum
+    # n / (n - 1), with the denominator kept at 1 or more: n is 0 (weight 0) or at least 2 here.
+    unbiased_var = var * (total_count / (total_count - 1).clamp_min(1))
+    for buffer, value in ((running_mean, mean), (running_var, unbiased_var)):
+        if buffer is not None:
+            buffer.lerp_(as_dtype(value, buffer.dtype), as_dtype(weight, buffer.dtype))
 
 
 def _params_in(dtype: torch.dtype, weight: Optional[Tensor]) -> Optional[Tensor]:
@@ -177,7 +211,7 @@ def grad_sums_scaled(
 
 
 def input_grad_scales(
-    input: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], total_count: int
+    input: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], total_count: Scalar
 ) -> Tuple[Tensor, Tensor]:
     """The parts of ``input_grad_from_sums`` that need no other rank's data: ``scale = weight * invstd``
     shaped to broadcast against ``input``, and ``-scale / total_count`` per channel.
@@ -187,6 +221,7 @@ def input_grad_scales(
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale.mul_(as_dtype(weight, scale.dtype))  # in place on the fresh invstd: one allocation less
+    # total_count may be a 0-dim tensor on the device: no host read either way.
     return scale.view(channel_shape(input)), scale * (-1.0 / total_count)
 
 
@@ -213,5 +248,11 @@ def input_grad_from_sums(
     # Both coefficients in one op: row 0 is the offset -scale * mean_dy, row 1 the slope
     # -scale * invstd * mean_dy_xmu (the kernel multiplies by the other invstd).
     offset, slope = global_sums.view(2, -1).mul(scale_over_count).unbind(0)
+    if input.dtype != mean.dtype:
+        # Half-precision input: the kernel would round its partial result to the input dtype and
+        # addcmul_ would round again (about 1 ulp off); accumulate in float32 and round once, as
+        # BatchNorm's own backward does.
+        partial = torch.native_batch_norm(input.to(mean.dtype), slope, offset, mean, var, False, 0.0, eps)[0]
+        return partial.addcmul_(grad_output.to(mean.dtype), scale).to(input.dtype)
     grad_input = torch.native_batch_norm(input, slope, offset, mean, var, False, 0.0, eps)[0]
     return grad_input.addcmul_(grad_output, scale)

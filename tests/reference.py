@@ -166,6 +166,14 @@ def make_case(shape, sizes, steps=3, dtype=torch.float64, seed=0, **fields) -> L
     return LayerCase(inputs=inputs, grads=grads, sizes=step_sizes, **fields)
 
 
-def run_cases_on_rank(rank: int, world_size: int, cases: List[LayerCase]):
+def use_path(path: str) -> None:
+    """Select the forward's path in this process: ``"host"`` (eager CPU reads the gathered counts) or
+    ``"device"`` (what CUDA tensors and torch.compile take: everything stays on the device)."""
+    assert path in ("host", "device"), path
+    syncnorm.functional._HOST_READS = path == "host"
+
+
+def run_cases_on_rank(rank: int, world_size: int, cases: List[LayerCase], path: str = "host"):
     """``run_layer_on_rank`` for several cases in one process group (one start-up for all)."""
+    use_path(path)
     return [run_layer_on_rank(rank, world_size, case) for case in cases]

@@ -5,17 +5,23 @@ import torch
 
 import syncnorm
 from syncnorm.testing import run_ranks
+from reference import use_path
 
 
-def _expect_errors(rank, world_size, scenario):
-    """Run ``scenario`` on this rank; return the ValueError message, then prove the group still works."""
+def _expect_errors(rank, world_size, scenario, path):
+    """Run ``scenario`` on this rank; return the error's type and message, then prove the group still works.
+
+    On the device path (CUDA tensors, torch.compile) the checks that need another rank's values are
+    on-device asserts, which raise RuntimeError on CPU; the rest is ValueError on either path.
+    """
+    use_path(path)
     layer, x = scenario(rank)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises((ValueError, RuntimeError)) as error:
         layer(x)
     # Every rank stopped at the same point, so the group is still usable afterwards.
     healthy = syncnorm.SyncBatchNorm(2)
     healthy(torch.randn(3, 2)).sum().backward()
-    return str(error.value)
+    return f"{type(error.value).__name__}: {error.value}"
 
 
 def _1d_everywhere(rank):
@@ -39,24 +45,36 @@ def _different_models(rank):
     return syncnorm.SyncBatchNorm(channels), torch.randn(5, channels, 2)
 
 
+INVALID_ELSEWHERE = {"host": "ValueError: SyncBatchNorm got an invalid input on rank(s) {}",
+                     "device": "RuntimeError: SyncBatchNorm got an invalid input on another rank"}
+ONE_VALUE = {"host": "ValueError: Expected more than 1 value per channel when training",
+             "device": "RuntimeError: Expected more than 1 value per channel when training"}
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
 @pytest.mark.parametrize(
     "scenario, expected",
     [
-        (_1d_everywhere, ["expected at least 2D input (got 1D input)"] * 2),
-        (_1d_on_rank_1, ["invalid input on rank(s) 1", "expected at least 2D input (got 1D input)"]),
-        (_wrong_channels_on_rank_0, ["expected input with 3 channels", "invalid input on rank(s) 0"]),
-        (_one_value_per_channel, ["Expected more than 1 value per channel when training"] * 2),
-        (_different_models, ["same num_features on every rank (got rank 0: 3, rank 1: 4)"] * 2),
+        (_1d_everywhere, ["ValueError: SyncBatchNorm expected at least 2D input (got 1D input)"] * 2),
+        (_1d_on_rank_1, [INVALID_ELSEWHERE, "ValueError: SyncBatchNorm expected at least 2D input (got 1D input)"]),
+        (_wrong_channels_on_rank_0, ["ValueError: SyncBatchNorm expected input with 3 channels", INVALID_ELSEWHERE]),
+        (_one_value_per_channel, [ONE_VALUE] * 2),
+        (_different_models, ["ValueError: SyncBatchNorm expected the same num_features on every rank "
+                             "(got rank 0: 3, rank 1: 4)"] * 2),
     ],
     ids=["1D-input", "1D-input-on-one-rank", "wrong-channels-on-one-rank", "one-value", "different-models"],
 )
-def test_bad_input_raises_on_every_rank(scenario, expected):
-    messages = run_ranks(_expect_errors, 2, scenario, pg_timeout=20.0)
+def test_bad_input_raises_on_every_rank(scenario, expected, path):
+    messages = run_ranks(_expect_errors, 2, scenario, path, pg_timeout=20.0)
+    bad_rank = {_1d_on_rank_1: 1, _wrong_channels_on_rank_0: 0}.get(scenario)
     for rank, (message, fragment) in enumerate(zip(messages, expected)):
+        if isinstance(fragment, dict):
+            fragment = fragment[path].format(bad_rank)
         assert fragment in message, f"rank {rank}: {message!r}"
 
 
-def _all_empty(rank, world_size):
+def _all_empty(rank, world_size, path):
+    use_path(path)
     layer = syncnorm.SyncBatchNorm(3)
     before = {name: buf.clone() for name, buf in layer.named_buffers()}
     x = torch.randn(0, 3, 4, requires_grad=True)
@@ -75,8 +93,9 @@ def _all_empty(rank, world_size):
     }
 
 
-def test_all_empty_global_batch_is_not_an_error():
-    for result in run_ranks(_all_empty, 2):
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_all_empty_global_batch_is_not_an_error(path):
+    for result in run_ranks(_all_empty, 2, path):
         assert result == {
             "shape": (0, 3, 4),
             "finite grads": True,
