@@ -1,0 +1,247 @@
+"""The README and docs/ say only what is true of this checkout: links and named paths exist, the cheap
+commands they show run as printed, and the usage example trains with synced statistics on 2 ranks."""
+
+import functools
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import syncnorm
+from syncnorm.testing import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+DOCS = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# a repository path named in prose or in a command: configs/..., launch/..., benchmarks/..., ...
+NAMED_PATH = re.compile(r"(?<![\w./-])((?:configs|launch|benchmarks|docs|tests|syncnorm|\.ci)/[\w./-]*[\w/])")
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _rel(path):
+    return os.path.relpath(path, ROOT)
+
+
+def _blocks(text):
+    """(language, body) of every fenced block."""
+    return [(m.group(1), m.group(2)) for m in FENCE.finditer(text)]
+
+
+def _prose(text):
+    """The text outside fenced blocks."""
+    return FENCE.sub("", text)
+
+
+def _slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    heading = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return heading.replace(" ", "-")
+
+
+def _anchors(path):
+    anchors, seen = set(), {}
+    for line in _prose(_read(path)).splitlines():
+        m = re.match(r"#{1,6}\s+(.*)", line)
+        if m:
+            slug = _slug(m.group(1))
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def _commands(text):
+    """Every command of the bash blocks: continuation lines joined, trailing comments dropped."""
+    commands = []
+    for language, body in _blocks(text):
+        if language not in ("bash", "sh", "shell", "console"):
+            continue
+        joined = re.sub(r"\\\n\s*", " ", body)
+        for line in joined.splitlines():
+            line = re.sub(r"^\$\s+", "", line.strip())
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def _is_cheap(command):
+    """A command that only prints help or runs a `python -c` snippet: seconds, no training."""
+    return "--help" in command.split() or re.match(r"(\S*/)?python3?\s+-c\s", command) is not None
+
+
+def _as_run(command):
+    """The command with its interpreter replaced by the one running the tests (the project's venv in CI)."""
+    return re.sub(r"^(\.venv/bin/)?python3?(?=\s)", lambda _: sys.executable, command)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=_rel)
+def test_relative_links_point_to_existing_files_and_headings(path):
+    problems = []
+    for target in LINK.findall(_prose(_read(path))):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+        if not os.path.exists(resolved):
+            problems.append(f"{target}: {_rel(resolved)} does not exist")
+        elif anchor and resolved.endswith(".md") and anchor not in _anchors(resolved):
+            problems.append(f"{target}: no heading #{anchor} in {_rel(resolved)}")
+    assert not problems, f"{_rel(path)}: broken links:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=_rel)
+def test_named_paths_exist(path):
+    text = _read(path)
+    # sample output (```text) may name files that only a run creates, or that a bad-input example lacks
+    checked = _prose(text) + "\n".join(body for language, body in _blocks(text) if language != "text")
+    missing = sorted(
+        name for name in set(NAMED_PATH.findall(checked))
+        if not os.path.exists(os.path.join(ROOT, name)) and not glob.glob(os.path.join(ROOT, name) + ".*")
+    )
+    assert not missing, f"{_rel(path)} names paths that do not exist: {missing}"
+
+
+def test_readme_is_short():
+    lines = _read(README).count("\n")
+    assert lines <= 200, f"README.md has {lines} lines; expected at most 200 (depth goes to docs/)"
+
+
+def _script_options():
+    """{script: {option: doc}} for every script of launch/ or benchmarks/ the docs run, and the options they pass."""
+    wanted = {}
+    for path in DOCS:
+        for command in _commands(_read(path)):
+            for script, rest in re.findall(r"((?:launch|benchmarks)/\w+\.py)((?:\s+(?!&&|\|)\S+)*)", command):
+                options = wanted.setdefault(script, {})
+                for option in re.findall(r"(?<!\S)(--[\w-]+)", rest):
+                    options.setdefault(option, _rel(path))
+    return wanted
+
+
+def _run_all(commands, timeout=90):
+    """Run shell commands side by side from the repository root; {command: (exit status, output)}."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    running = {
+        command: subprocess.Popen(_as_run(command), shell=True, cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for command in dict.fromkeys(commands)
+    }
+    finished = {}
+    for command, process in running.items():
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            output += f"\n[did not finish in {timeout} s]"
+        finished[command] = (process.returncode, output)
+    return finished
+
+
+@functools.lru_cache(maxsize=None)
+def _help_and_cheap_runs():
+    """Each script's `python SCRIPT --help` and every cheap command of the docs, run once, side by side."""
+    cheap = [command for path in DOCS for command in _commands(_read(path)) if _is_cheap(command)]
+    helps = [f"python {script} --help" for script in _script_options()]
+    return _run_all(helps + cheap)
+
+
+def test_cheap_commands_run_as_printed():
+    commands = [(path, c) for path in DOCS for c in _commands(_read(path)) if _is_cheap(c)]
+    assert any(path == README for path, _ in commands), "expected at least one cheap command in README.md"
+    results = _help_and_cheap_runs()
+    failures = [f"{_rel(path)}: `{command}` exited {results[command][0]}\n{results[command][1][-2000:]}"
+                for path, command in commands if results[command][0] != 0]
+    assert not failures, "\n\n".join(failures)
+
+
+def test_documented_script_options_exist():
+    """Every --option the docs pass to a script of launch/ or benchmarks/ is in that script's --help."""
+    wanted = _script_options()
+    assert "launch/train.py" in wanted, "expected the docs to show launch/train.py"
+    results = _help_and_cheap_runs()
+    problems = []
+    for script, options in wanted.items():
+        status, output = results[f"python {script} --help"]
+        if status != 0:
+            problems.append(f"{script} --help exited {status}: {output[-1000:]}")
+            continue
+        problems += [f"{where} passes {option} to {script}, which does not list it in --help"
+                     for option, where in options.items() if option not in output]
+    assert not problems, "\n".join(problems)
+
+
+def _usage_snippet():
+    match = re.search(r"^## Usage\n(.*?)^## ", _read(README), re.S | re.M)
+    assert match, "README.md has no '## Usage' section"
+    blocks = [body for language, body in _blocks(match.group(1)) if language == "python"]
+    assert blocks, "README.md's Usage section has no ```python block"
+    return blocks[0]
+
+
+def _run_usage_on_rank(rank, world_size, snippet):
+    """Run the README's usage example as printed; the harness has already joined the process group,
+    so the example's own init/destroy calls are recorded instead of repeated."""
+    import torch.distributed as dist
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    torch.manual_seed(1000 + rank)  # each rank draws a different batch
+    calls, first_bn_input = [], []
+    real_init, real_destroy = dist.init_process_group, dist.destroy_process_group
+    dist.init_process_group = lambda backend=None, *args, **kwargs: calls.append(("init", backend))
+    dist.destroy_process_group = lambda *args, **kwargs: calls.append(("destroy", None))
+
+    def record(module, args):
+        if isinstance(module, _BatchNorm) and not first_bn_input:
+            first_bn_input.append(args[0].detach().clone())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        namespace = {"__name__": "__main__"}
+        exec(compile(snippet, "README.md (Usage)", "exec"), namespace)
+    finally:
+        hook.remove()
+        dist.init_process_group, dist.destroy_process_group = real_init, real_destroy
+    model = namespace["model"].module
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    return {
+        "calls": calls,
+        "classes": sorted({type(m).__name__ for m in norms}),
+        "count": len(norms),
+        "first_input": first_bn_input[0],
+        "first_running_mean": norms[0].running_mean.clone(),
+        "running_means": [m.running_mean.clone() for m in norms],
+        "conv1_grad": model.conv1.weight.grad.clone(),
+    }
+
+
+def test_usage_example_syncs_resnet18_on_two_ranks():
+    results = run_ranks(_run_usage_on_rank, 2, _usage_snippet(), timeout=150)
+    for rank, result in enumerate(results):
+        assert result["calls"] == [("init", "gloo"), ("destroy", None)], f"rank {rank}: {result['calls']}"
+        assert result["classes"] == [syncnorm.SyncBatchNorm.__name__], f"rank {rank}: {result['classes']}"
+        assert result["count"] == 20  # resnet18's BatchNorm2d layers
+    first, second = results
+    assert not torch.equal(first["first_input"], second["first_input"]), "the ranks' batches should differ"
+    # Reference computed another way: the first layer's running mean after one step is momentum 0.1 times
+    # the mean over the concatenation of both ranks' inputs to it.
+    global_batch = torch.cat([first["first_input"], second["first_input"]])
+    expected = 0.1 * global_batch.double().mean(dim=(0, 2, 3))
+    for result in results:
+        torch.testing.assert_close(result["first_running_mean"].double(), expected, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(first["running_means"], second["running_means"]):
+        assert torch.equal(mine, theirs)  # every layer's statistics are the global batch's on both ranks
+    assert torch.equal(first["conv1_grad"], second["conv1_grad"])  # DDP averaged the gradients
+    assert torch.isfinite(first["conv1_grad"]).all() and first["conv1_grad"].abs().sum() > 0
