@@ -1,5 +1,6 @@
 """Model walkers: ``convert_sync_batchnorm`` (BatchNorm -> syncnorm) and ``revert_sync_batchnorm``."""
 
+import copy
 from typing import Dict, Optional, Type
 
 import torch
@@ -99,19 +100,56 @@ def convert_sync_batchnorm(module: nn.Module, process_group: comm.ProcessGroup =
     return _replace_modules(module, make, {})
 
 
-def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every :class:`syncnorm.SyncBatchNorm` (and ``torch.nn.SyncBatchNorm``) in ``module`` by a
-    plain, local BatchNorm, for inference, export or single-process use; return the result.
+def revert_sync_batchnorm(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """Return ``module`` with every :class:`syncnorm.SyncBatchNorm` (and ``torch.nn.SyncBatchNorm``)
+    replaced by a plain, local BatchNorm, for inference, export or single-process use.
 
     A layer made by :func:`convert_sync_batchnorm` gets its original class back (e.g.
     ``BatchNorm2d``); any other becomes :class:`syncnorm.convert.BatchNormNd`, which accepts 2D to 5D
-    input. Parameters, buffers, mode and the ``state_dict`` are kept, as in ``convert_sync_batchnorm``.
+    input. Values of parameters and buffers, ``requires_grad``, train/eval mode and the ``state_dict``
+    keys are kept.
+
+    What is shared with ``module``:
+
+    - ``inplace=False`` (default): nothing. The result is a deep copy (``copy.deepcopy``: parameters
+      and buffers copied, gradients left behind), so ``module`` keeps syncing and training untouched
+      (export every epoch from a model that is still training). Process
+      groups are not copied; the reverted layers do not hold one. ``module`` must be the model, not
+      its ``DistributedDataParallel`` wrapper: pass ``ddp_model.module``.
+    - ``inplace=True``: children are replaced in ``module`` itself (as ``convert_sync_batchnorm``
+      does), and each reverted layer holds the very parameter and buffer objects of the layer it
+      replaces, so an optimizer built on ``module`` keeps working. ``module`` no longer syncs. The
+      return value differs from ``module`` only when the root is a SyncBatchNorm. This is what a
+      Lightning ``LayerSync`` plugin needs at teardown.
+
+    Args:
+        module: the model (or a single layer).
+        inplace: revert ``module`` itself instead of a copy. Default: False
 
     Example::
 
-        >>> model = syncnorm.revert_sync_batchnorm(ddp_model.module).eval()
-        >>> torch.onnx.export(model, example, "model.onnx")
+        >>> model = syncnorm.revert_sync_batchnorm(ddp_model.module).eval()   # a copy
+        >>> torch.onnx.export(model, (example,), "model.onnx")
     """
+    if not inplace:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            raise TypeError(
+                "revert_sync_batchnorm(inplace=False) expected the model (got its DistributedDataParallel "
+                "wrapper): pass ddp_model.module, or inplace=True to revert the wrapped model itself"
+            )
+        # Process groups cannot be copied, and the reverted layers drop them anyway: share them.
+        memo = {
+            id(layer.process_group): layer.process_group
+            for layer in module.modules()
+            if isinstance(layer, (SyncBatchNorm, nn.SyncBatchNorm)) and layer.process_group is not None
+        }
+        try:
+            module = copy.deepcopy(module, memo)
+        except (TypeError, RuntimeError) as error:
+            raise TypeError(
+                f"revert_sync_batchnorm(inplace=False) copies the model, and this one cannot be "
+                f"deep-copied ({error}); pass inplace=True to revert it in place"
+            ) from error
 
     def make(layer: nn.Module) -> Optional[nn.Module]:
         if not isinstance(layer, (SyncBatchNorm, nn.SyncBatchNorm)):

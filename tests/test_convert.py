@@ -136,3 +136,74 @@ def test_without_process_group_equals_batchnorm(dim):
     layer.eval(), reference.eval()
     x = torch.randn(shape)
     assert torch.equal(layer(x), reference(x))
+
+
+def _trained_syncnorm_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5), nn.BatchNorm1d(5))
+    model = syncnorm.convert_sync_batchnorm(_randomize_bn(model))
+    model[1].weight.requires_grad_(False)
+    model(torch.randn(8, 3, 6, 6)).sum().backward()  # grads and one running-statistics update
+    return model
+
+
+def test_revert_default_returns_an_independent_copy():
+    model = _trained_syncnorm_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reverted = syncnorm.revert_sync_batchnorm(model)
+
+    # The argument is untouched: still syncnorm layers, same state, still training.
+    assert _classes(model) == [syncnorm.SyncBatchNorm] * 2 and model.training
+    assert _classes(reverted) == [nn.BatchNorm2d, nn.BatchNorm1d] and reverted.training
+    # Nothing is shared: no parameter or buffer storage in common; gradients stay behind (as with
+    # copy.deepcopy of any model).
+    ours = list(model.parameters()) + list(model.buffers()) + [p.grad for p in model.parameters() if p.grad is not None]
+    theirs = list(reverted.parameters()) + list(reverted.buffers())
+    assert len(theirs) == 14 and not {t.data_ptr() for t in ours} & {t.data_ptr() for t in theirs}
+    assert all(p.grad is None for p in reverted.parameters()) and model[4].weight.grad is not None
+    assert all(torch.equal(reverted.state_dict()[k], v) for k, v in before.items())
+    assert not reverted[1].weight.requires_grad and reverted[4].weight.requires_grad
+
+    # Training the copy (as plain BN) leaves the original's statistics where they were.
+    reverted(torch.randn(8, 3, 6, 6) + 3)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not torch.equal(reverted[1].running_mean, before["1.running_mean"])
+
+
+def test_revert_inplace_shares_parameters_and_keeps_the_optimizer_working():
+    model = _trained_syncnorm_model()
+    weight, running_mean = model[4].weight, model[4].running_mean
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    reverted = syncnorm.revert_sync_batchnorm(model, inplace=True)
+    assert reverted is model  # the root is not a BatchNorm: children were replaced in place
+    assert _classes(model) == [nn.BatchNorm2d, nn.BatchNorm1d]
+    assert model[4].weight is weight and model[4].running_mean is running_mean
+    expected = weight.detach() - 0.5 * weight.grad
+    optimizer.step()  # the optimizer still holds the reverted layer's weight
+    assert torch.equal(model[4].weight.detach(), expected)
+
+    # A SyncBatchNorm root is replaced (use the return value) and shares its tensors too.
+    root = syncnorm.SyncBatchNorm(3)
+    plain = syncnorm.revert_sync_batchnorm(root, inplace=True)
+    assert type(plain) is BatchNormNd and plain.weight is root.weight and plain.running_var is root.running_var
+
+
+def test_revert_copy_shares_process_groups_and_explains_what_it_cannot_copy():
+    import threading
+
+    group = threading.Lock()  # stands in for a ProcessGroup: neither can be pickled or deep-copied
+    model = nn.Sequential(syncnorm.SyncBatchNorm(3, process_group=group))
+    reverted = syncnorm.revert_sync_batchnorm(model)
+    assert type(reverted[0]) is BatchNormNd and model[0].process_group is group
+
+    model.lock = threading.Lock()  # something else in the model that cannot be copied
+    with pytest.raises(TypeError, match=r"cannot be deep-copied .*pass inplace=True"):
+        syncnorm.revert_sync_batchnorm(model)
+    assert type(syncnorm.revert_sync_batchnorm(model, inplace=True)[0]) is BatchNormNd
+
+
+def test_isinstance_relations_differ_from_torch_syncbatchnorm():
+    layer = syncnorm.convert_sync_batchnorm(nn.BatchNorm2d(3))
+    assert isinstance(layer, _BatchNorm)  # code that looks for "any BatchNorm" finds it
+    assert not isinstance(layer, nn.SyncBatchNorm)  # code that special-cases torch's SyncBN does not
