@@ -3,6 +3,7 @@ commands they show run as printed, and the usage example trains with synced stat
 
 import functools
 import glob
+import json
 import os
 import re
 import subprocess
@@ -111,6 +112,101 @@ def test_named_paths_exist(path):
         if not os.path.exists(os.path.join(ROOT, name)) and not glob.glob(os.path.join(ROOT, name) + ".*")
     )
     assert not missing, f"{_rel(path)} names paths that do not exist: {missing}"
+
+
+def _tables(text):
+    """Every markdown table of the text as (header cells, rows of cells); bold marks dropped, trailing
+    empty cells dropped."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+        while cells and not cells[-1]:
+            cells.pop()
+        if current is None:
+            current = (cells, [])
+            tables.append(current)
+        elif not all(re.fullmatch(r":?-+:?", c) for c in cells):
+            current[1].append(cells)
+    return tables
+
+
+KEY_COLUMNS = ("shape", "layout", "data", "ranks", "norm", "per-rank batch", "C")
+
+
+def _differences(header, rows, result_header, result_rows):
+    """What differs between a docs table and a results table it shows columns of, row by row."""
+    keys = [h for h in header if h in KEY_COLUMNS]
+    index = {h: result_header.index(h) for h in header}
+    by_key = {tuple(r[index[h]] for h in keys): r for r in result_rows}
+    differences = []
+    for row in rows:
+        result = by_key.get(tuple(row[header.index(h)] for h in keys))
+        if result is None:
+            differences.append(f"row {row[:3]} is not in the results")
+            continue
+        differences += [f"row {row[:3]}, {h}: {v} (results: {result[index[h]] if index[h] < len(result) else ''})"
+                        for h, v in zip(header, row) if (result[index[h]] if index[h] < len(result) else "") != v]
+    return differences
+
+
+def test_numbers_match_the_committed_results():
+    """A docs table that shows columns of a table in benchmarks/results/*.md shows the same values."""
+    results = [(_rel(name), header, rows)
+               for name in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.md")))
+               for header, rows in _tables(_read(name))]
+    assert results, "expected markdown tables under benchmarks/results/"
+    compared, problems = 0, []
+    for path in DOCS:
+        for header, rows in _tables(_read(path)):
+            candidates = [(name, _differences(header, rows, result_header, result_rows))
+                          for name, result_header, result_rows in results
+                          if set(header) <= set(result_header) and any(h in KEY_COLUMNS for h in header)]
+            if not candidates:
+                continue
+            compared += 1
+            name, differences = min(candidates, key=lambda c: len(c[1]))
+            if differences:
+                problems.append(f"{_rel(path)}: a table differs from {name}:\n  " + "\n  ".join(differences))
+    assert compared >= 5, f"expected the docs to show the committed result tables (found {compared})"
+    assert not problems, "\n".join(problems)
+
+
+LAYER_COLUMNS = {"local BN": "local", "floor": "floor", "syncnorm": "syncnorm", "separate": "separate",
+                 "naive": "naive", "ag(1+2C)": "ag(1+2C)", "ar(2C)": "ar(2C)", "ag+sum(2C)": "ag+sum(2C)"}
+
+
+def _layer_rows(result):
+    """The per-layer table rows bench_layer.py's JSON gives: {(shape, layout): {column: text}}."""
+    rows = {}
+    for config in result["configs"]:
+        key = ("(" + ", ".join(map(str, config["shape"])) + ")",
+               {"contiguous": "NCHW", "channels_last": "NHWC"}[config["layout"]])
+        cells = {column: f"{config['times'][name]['median_ms']:.2f}"
+                 for column, name in LAYER_COLUMNS.items() if name in config["times"]}
+        ratio = config["syncnorm_over_floor"]
+        cells["syncnorm / floor"] = f"{ratio['of_medians']:.2f} ({ratio['paired']['median']:.2f})"
+        rows[key] = cells
+    return rows
+
+
+def test_layer_tables_match_the_committed_json():
+    """docs/performance.md's per-layer tables are bench_layer.py's JSON results, to the printed digit."""
+    runs = {name: _layer_rows(json.loads(_read(name)))
+            for name in glob.glob(os.path.join(ROOT, "benchmarks", "results", "bench_layer*.json"))
+            if "configs" in json.loads(_read(name))}
+    tables = [(header, rows) for header, rows in _tables(_read(os.path.join(ROOT, "docs", "performance.md")))
+              if header[:2] == ["shape", "layout"] and "syncnorm" in header]
+    assert len(tables) >= 2 and runs
+    for header, rows in tables:
+        def differences(run):
+            return [f"{row[:2]} {h}: {v} (JSON: {run.get(tuple(row[:2]), {}).get(h)})"
+                    for row in rows for h, v in zip(header[2:], row[2:]) if run.get(tuple(row[:2]), {}).get(h) != v]
+        best = min(runs, key=lambda name: len(differences(runs[name])))
+        assert not differences(runs[best]), f"a per-layer table differs from {_rel(best)}:\n" + "\n".join(
+            differences(runs[best]))
 
 
 def test_readme_is_short():
