@@ -9,7 +9,7 @@ returns a one-process :class:`DistInfo` for a plain ``python launch/train.py``; 
 import inspect
 import os
 import random
-import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,8 +20,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from syncnorm.train.errors import CollectiveError, ConfigError
-from syncnorm.train.failures import first_line, is_collective_failure
+from syncnorm.train.failures import describe_join_failure, is_collective_failure
 from syncnorm.train.models import has_sync_batchnorm
+from syncnorm.train.network import apply_gloo_interface
 
 # DDP's switch for the per-forward buffer broadcast: torch 2.14 renamed broadcast_buffers.
 DDP_BUFFER_SYNC = ("forward_sync_buffers"
@@ -81,15 +82,18 @@ def setup_distributed(cfg) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         if owns:
+            apply_gloo_interface(backend, world, local_world, local_rank)
+            started = time.monotonic()
             try:
                 init_group(backend, rank, world, timedelta(seconds=cfg.dist.timeout_s), local_world)
             except Exception as error:
+                stage, error = (error.stage, error.cause) if isinstance(error, JoinError) else ("group", error)
                 if not is_collective_failure(error):
-                    raise
-                raise CollectiveError(
-                    f"rank {rank}: joining the process group of {world} ranks failed within "
-                    f"dist.timeout_s={cfg.dist.timeout_s:g}: not every rank started, or the rendezvous address "
-                    f"is unreachable ({first_line(error)})") from None
+                    raise error from None
+                store = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                raise CollectiveError(describe_join_failure(
+                    error, stage, rank, world, store, cfg.dist.timeout_s, time.monotonic() - started,
+                    str(backend), os.environ.get("GLOO_SOCKET_IFNAME"))) from None
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     return DistInfo(rank, world, local_rank, local_world, str(backend), device, owns)
 
@@ -97,9 +101,9 @@ def setup_distributed(cfg) -> DistInfo:
 def init_group(backend: str, rank: int, world: int, timeout: timedelta, local_world: int = 0) -> None:
     """``init_process_group`` from torchrun's environment.
 
-    When every rank runs on this machine (``local_world == world``) and ``GLOO_SOCKET_IFNAME`` is not
-    set, gloo is put on the loopback interface (Linux ``lo``): by default it listens on the address
-    the host name resolves to, which may be a network interface.
+    Gloo's interface (``GLOO_SOCKET_IFNAME``) is chosen before, by
+    :func:`syncnorm.train.network.apply_gloo_interface`. A failure raises :class:`JoinError`, which
+    says whether the store or the backend's connections failed.
 
     Under torchrun with the c10d rendezvous the agent hosts one TCPStore for the workers and keeps it
     across restarts (pytorch/pytorch#135712), so restarted workers can read the previous attempt's keys
@@ -107,20 +111,32 @@ def init_group(backend: str, rank: int, world: int, timeout: timedelta, local_wo
     init, and the restart is lost). Keys get a per-attempt prefix here (torchrun restarts the whole
     worker group, so every rank has the same ``TORCHELASTIC_RESTART_COUNT``).
     """
-    if backend == "gloo" and local_world == world and not os.environ.get("GLOO_SOCKET_IFNAME"):
-        try:
-            if "lo" in [name for _, name in socket.if_nameindex()]:
-                os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        except (AttributeError, OSError):
-            pass
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and attempt is not None:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=False, timeout=timeout)
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False, timeout=timeout)
+        except Exception as error:
+            raise JoinError("store", error) from error
         store = dist.PrefixStore(f"syncnorm/attempt_{attempt}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     else:
-        dist.init_process_group(backend, timeout=timeout)
+        try:
+            dist.init_process_group(backend, timeout=timeout)
+        except Exception as error:  # env://: the store is created inside; its errors name it
+            text = str(error).lower()
+            store_failed = "gloo" not in text and (isinstance(error, getattr(dist, "DistNetworkError", ()))
+                                                   or "tcpstore" in text or "client socket" in text)
+            raise JoinError("store" if store_failed else "group", error) from error
+
+
+class JoinError(Exception):
+    """:func:`init_group` failed; ``stage`` says where: ``"store"`` (reaching the rendezvous store) or
+    ``"group"`` (the backend connecting the ranks), ``cause`` is the original error."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(str(cause))
+        self.stage, self.cause = stage, cause
 
 
 def default_threads(local_world_size: int) -> int:

@@ -142,3 +142,29 @@ def next_run_tag() -> str:
     global _runs
     _runs += 1
     return str(_runs)
+
+
+def describe_join_failure(error: BaseException, stage: str, rank: int, world: int, store_address: str,
+                          timeout_s: float, elapsed_s: float, backend: str = "gloo",
+                          interface: Optional[str] = None) -> str:
+    """One line for a failed join of the process group: how long it really took, the store address it
+    tried, and which part failed. ``stage`` is ``"store"`` (no TCP connection to the rendezvous store
+    at ``store_address``) or ``"group"`` (the store answered; then the ranks did not all arrive, or the
+    backend could not connect them); ``interface`` is ``GLOO_SOCKET_IFNAME`` (None: unset)."""
+    took = f"after {elapsed_s:.0f} s (dist.timeout_s={timeout_s:g})"
+    text = str(error).lower()
+    if stage == "store":
+        cause = (f"could not reach the rendezvous store at {store_address} {took}: check that the node "
+                 f"hosting it is up, the address, and that the port is open between the machines")
+    elif "wait timeout" in text:  # the store answered, a peer's address never arrived in it
+        cause = (f"reached the store at {store_address}, but not all {world} ranks joined {took}: a rank "
+                 f"did not start or stopped before joining; see the other nodes' output")
+    else:
+        listens = f"interface {interface}" if interface else "the address this host's name resolves to"
+        hint = ("a peer advertised a loopback address (its host name resolves to 127.x): set "
+                "GLOO_SOCKET_IFNAME=<the interface that reaches the other nodes> on every node"
+                if re.search(r"remote=\[(127\.|::1\])", text) else
+                f"open {backend}'s ports between the machines (it listens on {listens}) or set "
+                f"{backend.upper()}_SOCKET_IFNAME to the interface that reaches the other nodes")
+        cause = f"reached the store at {store_address}, but {backend} could not connect its peers {took}: {hint}"
+    return f"rank {rank}: joining the process group of {world} ranks failed: {cause} [{first_line(error)}]"

@@ -28,9 +28,9 @@ _SIOCGIFADDR = 0x8915  # Linux: an interface's (primary) IPv4 address
 
 class NetworkError(ConfigError):
     """This node cannot take part in a multi-machine gloo group as configured; the message says which
-    setting fixes it. It concerns one node, so every rank that meets it says it (not only rank 0)."""
+    setting fixes it. It concerns one node, so each node says it (not only rank 0's node)."""
 
-    every_rank = True
+    every_node = True
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,8 @@ def choose_gloo_interface(backend: str, world_size: int, local_world_size: int,
     except (OSError, UnicodeError, ValueError) as error:
         why = f"cannot route to it: {error}"
     if name is not None:
-        return InterfaceChoice(name, f"gloo: interface {name} ({local}, the address that reaches "
-                                     f"MASTER_ADDR={master}); set GLOO_SOCKET_IFNAME to choose another")
+        return InterfaceChoice(name, f"gloo on {socket.gethostname()}: interface {name} ({local}, the address that "
+                                     f"reaches MASTER_ADDR={master}); set GLOO_SOCKET_IFNAME to choose another")
     own = hostname_address()
     if is_loopback(own):
         raise NetworkError(
@@ -141,7 +141,7 @@ def choose_gloo_interface(backend: str, world_size: int, local_world_size: int,
             f"(loopback), which the other machines cannot reach, and no interface towards MASTER_ADDR="
             f"{master!r} was found ({why}): set GLOO_SOCKET_IFNAME=<the interface that reaches the other "
             f"nodes> on every node")
-    return InterfaceChoice(None, f"gloo: no interface towards MASTER_ADDR={master} found ({why}); "
+    return InterfaceChoice(None, f"gloo on {socket.gethostname()}: no interface towards MASTER_ADDR={master} found ({why}); "
                                  f"using gloo's default, {own} (this host's name)")
 
 
