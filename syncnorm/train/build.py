@@ -61,3 +61,9 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
     if t.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.gamma)
     return None
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``train.compile``: ``torch.compile`` with its default settings (after DDP wrapping); the first
+    step compiles."""
+    return torch.compile(model)

@@ -15,7 +15,8 @@ import torch
 
 from syncnorm.train.config import load_config
 from syncnorm.train.distributed import default_threads, env_int
-from syncnorm.train.errors import CollectiveError, ConfigError, TrainingError
+from syncnorm.train import rundir
+from syncnorm.train.errors import CollectiveError, ConfigError, Interrupted, TrainingError
 from syncnorm.train.evaluation import evaluate_checkpoint
 from syncnorm.train.loop import train
 from syncnorm.train.ui import Reporter, error_line
@@ -31,6 +32,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="override a config key, typed like YAML (repeatable): --set train.epochs=3")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue from the newest good checkpoint of the run dir (auto) or from PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even though output_dir holds an earlier run's checkpoints "
+                        "(they are deleted)")
     return p
 
 
@@ -38,6 +42,10 @@ def run_training(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, configure, train; exceptions propagate (:func:`train_main` turns them into exit codes)."""
     args = train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if env_int("RANK", 0) == 0:  # before any process-group work; the other ranks' torchrun stops them
+        rundir.check_writable(cfg.output_dir)
+        if not args.resume and not args.overwrite:
+            rundir.check_fresh(cfg.output_dir)
     threads = cfg.dist.threads or default_threads(env_int("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(threads)
     train(cfg, resume=args.resume)
@@ -49,18 +57,34 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run_training(argv)
     except ConfigError as error:
-        if os.environ.get("RANK", "0") == "0":  # every rank fails alike: say it once
+        if rank_zero():  # every rank fails alike: say it once
             error_line(str(error))
         return 2
     except CollectiveError as error:  # each surviving rank has its own view (rank 0 may be the lost one)
-        error_line(str(error))
+        error_line(_with_log(error))
         return 1
-    except TrainingError as error:  # all ranks agree (e.g. a non-finite loss): say it once
-        if os.environ.get("RANK", "0") == "0":
-            error_line(str(error))
-        return 1
-    except KeyboardInterrupt:
+    except Interrupted as error:  # every rank got the signal (torchrun passes Ctrl-C on): say it once
+        if rank_zero():
+            error_line(_with_log(error))
         return 130
+    except TrainingError as error:  # all ranks agree (e.g. a non-finite loss): say it once
+        if rank_zero():
+            error_line(_with_log(error))
+        return 1
+    except KeyboardInterrupt:  # before the run started
+        if rank_zero():
+            error_line("interrupted before the run started")
+        return 130
+
+
+def rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _with_log(error: BaseException) -> str:
+    """The error's line, naming this rank's log file."""
+    path = getattr(error, "log_path", None)
+    return f"{error} (log: {path})" if path else str(error)
 
 
 def exit_now(code: int) -> None:

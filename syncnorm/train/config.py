@@ -80,13 +80,14 @@ class TrainConfig:
     nan_policy: str = _opt("stop", choices=("stop", "skip"),
                            doc="non-finite loss on any rank: stop the run (the last good checkpoint stays) "
                                "or skip that step's update on every rank")
+    compile: bool = _opt(False, doc="torch.compile the (DDP-wrapped) model; the first step compiles")
 
 
 @dataclass(frozen=True)
 class DistConfig:
     backend: str = _opt("auto", choices=("auto", "gloo", "nccl"), doc="auto: nccl with CUDA, else gloo")
     timeout_s: float = _opt(120.0, gt=0.0, doc="process-group timeout (init and collectives), seconds")
-    threads: int = _opt(0, ge=0, doc="torch threads per rank; 0: cores / local ranks")
+    threads: int = _opt(0, ge=0, doc="torch threads per rank; 0: cores / local ranks (one process: cores - 1)")
 
 
 @dataclass(frozen=True)

@@ -35,3 +35,7 @@ class CollectiveError(TrainingError):
 
 class UnsupportedOperationError(TrainingError):
     """The backend or this torch version lacks an operation the run needs (every rank raises it alike)."""
+
+
+class Interrupted(TrainingError):
+    """Ctrl-C (SIGINT) stopped the run; the message says where and how to continue (exit status 130)."""

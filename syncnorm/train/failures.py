@@ -7,6 +7,7 @@ step), the process-group timeout, and the ranks that did not report the failure 
 through the process group's store), i.e. the likely culprits.
 """
 
+import os
 import re
 import time
 from typing import List, Optional, Tuple
@@ -102,13 +103,16 @@ def _where(state) -> str:
 
 
 def describe_collective_failure(error: BaseException, info, state, timeout_s: float, tag: str,
-                                wait_s: float = 2.0) -> str:
+                                wait_s: float = 2.0, logs_dir: str = "") -> str:
     """One line for a failed collective: where it happened, the likely cause, the timeout, what to do.
 
     ``info`` is the rank's :class:`~syncnorm.train.distributed.DistInfo`, ``state`` the loop's
     :class:`~syncnorm.train.loop.LoopState` (phase, epoch, step); ``tag`` keeps one run's failure
-    reports in the store apart from another's (see :func:`next_run_tag`)."""
+    reports in the store apart from another's (see :func:`next_run_tag`); ``logs_dir`` is where the
+    ranks' logs ``rank{N}.log`` are (named in the message)."""
     where = _where(state)
+    logs = (lambda ranks: " " + ", ".join(os.path.join(logs_dir, f"rank{r}.log") for r in ranks)) if logs_dir \
+        else (lambda ranks: "")
     missing, earlier = silent_ranks(info, tag, wait_s)
     timed_out = any(sign in str(error).lower() for sign in _TIMEOUT_SIGNS)
     how = (f"did not join the collective within dist.timeout_s={timeout_s:g}" if timed_out
@@ -123,13 +127,13 @@ def describe_collective_failure(error: BaseException, info, state, timeout_s: fl
                  f"{'they' if len(missing) > 1 else 'it'} crashed, "
                  f"{'were' if len(missing) > 1 else 'was'} killed, or {'are' if len(missing) > 1 else 'is'} "
                  f"stuck before a collective (e.g. in data loading or a rank-dependent code path); see "
-                 f"{'their' if len(missing) > 1 else 'its'} log")
+                 f"{'their' if len(missing) > 1 else 'its'} log{'s' if len(missing) > 1 else ''}{logs(missing)}")
     elif missing == []:
         cause = ("every rank failed in a collective here: the ranks call collectives in different orders "
                  "(a rank-dependent code path) or the network between them failed")
     else:
         cause = (f"another rank {how}: it crashed, was killed, or is stuck before a collective; see the "
-                 f"other ranks' logs")
+                 f"other ranks' logs" + (f" in {logs_dir}" if logs_dir else ""))
     return f"rank {info.rank}: a collective failed during {where}: {cause} [{first_line(error)}]"
 
 

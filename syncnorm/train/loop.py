@@ -26,6 +26,8 @@ Failures of a started run raise :class:`TrainingError`: :class:`NonFiniteLossErr
 :class:`CollectiveError` when a collective times out or loses its peer (see :mod:`syncnorm.train.failures`).
 """
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -36,13 +38,13 @@ from torch import nn
 
 from syncnorm.train import checkpoint as ckpt
 from syncnorm.train import failures, rundir
-from syncnorm.train.build import DTYPES, load_data, make_model, make_optimizer, make_scheduler
+from syncnorm.train.build import DTYPES, compile_model, load_data, make_model, make_optimizer, make_scheduler
 from syncnorm.train.config import Config, to_dict
 from syncnorm.train.data import make_loaders
 from syncnorm.train.distributed import (DistInfo, all_sum, broadcast_buffers, seed_everything, setup_distributed,
-                                        wrap_ddp)
-from syncnorm.train.errors import (CollectiveError, DataError, NonFiniteLossError, TrainingError,
-                                   UnsupportedOperationError)
+                                        threads_text, wrap_ddp)
+from syncnorm.train.errors import (CollectiveError, ConfigError, DataError, Interrupted, NonFiniteLossError,
+                                   TrainingError, UnsupportedOperationError)
 from syncnorm.train.models import count_parameters, has_sync_batchnorm
 from syncnorm.train.resume import restore
 from syncnorm.train.ui import Reporter
@@ -217,30 +219,86 @@ class Run:
 
 def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter] = None,
           callbacks: Sequence = ()) -> RunResult:
-    """Run the whole training described by ``cfg``; see the module docstring. Returns on every rank."""
+    """Run the whole training described by ``cfg``; see the module docstring. Returns on every rank.
+
+    Each rank appends what it reports to ``output_dir/logs/rank{N}.log``. A failure is raised as one
+    line (:class:`TrainingError`, :class:`ConfigError`) whose ``log_path`` attribute names that log;
+    Ctrl-C is raised as :class:`Interrupted`."""
     run_start = time.perf_counter()
     tag = failures.next_run_tag()
     info = setup_distributed(cfg)
     state = LoopState(run_dir=cfg.output_dir, phase="start-up")
+    reporter = _open_log(reporter or Reporter(enabled=info.rank == 0), cfg, info)
     try:
-        run = set_up(cfg, info, reporter or Reporter(enabled=info.rank == 0), state)
-        if resume:
-            restore(run, resume)
-        start(run)
-        train_epochs(run, callbacks)
-        return finish(run, run_start)
-    except TrainingError:
+        try:
+            run = set_up(cfg, info, reporter, state)
+            if resume:
+                restore(run, resume)
+            if run.start_epoch > cfg.train.epochs:
+                return nothing_to_do(run)
+            start(run)
+            train_epochs(run, callbacks)
+            return finish(run, run_start)
+        except (TrainingError, ConfigError):
+            raise
+        except Exception as error:
+            diagnosed = _diagnose(error, cfg, info, state, tag)
+            if diagnosed is error:
+                raise
+            raise diagnosed from error
+    except KeyboardInterrupt:
+        raise _interrupted(state, reporter) from None
+    except (TrainingError, ConfigError) as error:
+        reporter.failure(str(error))
+        error.log_path = reporter.log_path
         raise
-    except Exception as error:
-        if info.world_size > 1 and failures.is_unsupported_backend_operation(error):
-            raise UnsupportedOperationError(failures.describe_unsupported_operation(error, info, state)) from error
-        if info.world_size > 1 and failures.is_collective_failure(error):
-            timeout_s = failures.group_timeout(cfg.dist.timeout_s)
-            raise CollectiveError(failures.describe_collective_failure(error, info, state, timeout_s, tag)) from error
+    except Exception as error:  # a bug: its traceback follows on stderr
+        reporter.failure(f"{type(error).__name__}: {failures.first_line(error)} (traceback on stderr)")
         raise
     finally:
+        reporter.close_log()
         if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _open_log(reporter: Reporter, cfg: Config, info: DistInfo) -> Reporter:
+    """``reporter`` that also writes this rank's log (``reporter`` as is, with a warning, if it cannot)."""
+    path = rundir.log_path(cfg.output_dir, info.rank)
+    try:
+        return reporter.with_log(path, f"rank {info.rank} of {info.world_size}, pid {os.getpid()}, {sys.executable}")
+    except OSError as error:
+        print(f"warning: rank {info.rank}: cannot write its log {path} ({error.strerror}); going on without it",
+              file=sys.stderr, flush=True)
+        return reporter
+
+
+def _diagnose(error: Exception, cfg: Config, info: DistInfo, state: LoopState, tag: str) -> Exception:
+    """What to raise for an unexpected ``error``: one line when it is an unsupported backend operation
+    or a failed collective; else ``error`` itself (a bug: it keeps its traceback)."""
+    if info.world_size > 1 and failures.is_unsupported_backend_operation(error):
+        return UnsupportedOperationError(failures.describe_unsupported_operation(error, info, state))
+    if info.world_size > 1 and failures.is_collective_failure(error):
+        timeout_s = failures.group_timeout(cfg.dist.timeout_s)
+        logs_dir = os.path.dirname(rundir.log_path(cfg.output_dir, 0))
+        return CollectiveError(failures.describe_collective_failure(error, info, state, timeout_s, tag,
+                                                                    logs_dir=logs_dir))
+    return error
+
+
+def _interrupted(state: LoopState, reporter: Reporter) -> "Interrupted":
+    """Ctrl-C: where it stopped, the checkpoint to continue from, and how."""
+    if state.phase == "training step":
+        where = f"at epoch {state.epoch}, step {state.step + 1}"
+    elif state.epoch:
+        where = f"at epoch {state.epoch} ({state.phase})"
+    else:
+        where = f"during {state.phase or 'start-up'}"
+    last = state.last_checkpoint or "none (no epoch finished)"
+    text = f"interrupted {where}; last checkpoint {last}; continue with --resume auto"
+    reporter.failure(text)
+    error = Interrupted(text)
+    error.log_path = reporter.log_path
+    return error
 
 
 def set_up(cfg: Config, info: DistInfo, reporter: Reporter, state: LoopState) -> Run:
@@ -262,6 +320,8 @@ def start(run: Run) -> None:
     cfg, info, reporter = run.cfg, run.info, run.reporter
     run.state.phase = "model set-up (DDP)"
     run.model = wrap_ddp(run.model_without_ddp, info)
+    if cfg.train.compile:
+        run.model = compile_model(run.model)
     if info.rank == 0:
         rundir.prepare(cfg.output_dir, to_dict(cfg), run.metrics, run.resumed_from is None, reporter.warn)
     synced = has_sync_batchnorm(run.model_without_ddp) and info.world_size > 1
@@ -274,7 +334,8 @@ def start(run: Run) -> None:
                                     f"{cfg.train.batch_size}"),
                    ("backend", f"{info.backend} on {info.device.type}" if info.world_size > 1
                     else f"none (one process) on {info.device.type}"),
-                   ("threads/rank", torch.get_num_threads())])
+                   ("threads/rank", f"{torch.get_num_threads()} ({threads_text(cfg.dist.threads)})"),
+                   ("compile", "on (torch.compile)" if cfg.train.compile else "off")])
     reporter.keys([("run dir", cfg.output_dir)])
     if run.resumed_from:
         reporter.info(f"resumed from {run.resumed_from} (epoch {run.start_epoch - 1} done)")
@@ -288,6 +349,8 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
     train_loader, sampler, test_loader = run.loaders
     dtype = DTYPES[t.dtype]
     state.metrics, state.last_checkpoint = run.metrics, run.resumed_from
+    if t.compile:
+        callbacks = [_CompileTimer(run.reporter), *callbacks]
     for epoch in range(run.start_epoch, t.epochs + 1):
         epoch_start = time.perf_counter()
         state.epoch = epoch
@@ -315,6 +378,19 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
         _notify(callbacks, "on_epoch_end", state)
 
 
+class _CompileTimer:
+    """Reports the first training step's time once: with ``train.compile`` it is mostly compiling."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter, self.start = reporter, time.perf_counter()
+
+    def on_step(self, state: LoopState) -> None:
+        if self.start is not None:
+            self.reporter.info(f"compiled in {time.perf_counter() - self.start:.1f} s (torch.compile; the first "
+                               f"training step's time)")
+            self.start = None
+
+
 def _save_epoch(run: Run, epoch: int, row: Dict[str, Any]) -> str:
     """Rank 0 appends the row to ``metrics.jsonl`` and saves the checkpoint; returns its path (every rank)."""
     run_dir = run.cfg.output_dir
@@ -331,6 +407,28 @@ def _save_epoch(run: Run, epoch: int, row: Dict[str, Any]) -> str:
     }, keep=run.cfg.train.keep_checkpoints)
 
 
+def nothing_to_do(run: Run) -> RunResult:
+    """A resumed run whose epochs are all done: say so (and how to train on); write nothing."""
+    done, epochs = run.start_epoch - 1, run.cfg.train.epochs
+    run.reporter.info(f"nothing to do: epoch {done} of {epochs} done ({run.resumed_from}); to train on, add "
+                      f"--set train.epochs=N with N > {done}")
+    return RunResult(run.metrics, run.model_without_ddp, run.cfg.output_dir, run.resumed_from, run.resumed_from)
+
+
+def _as_typed(path: str) -> str:
+    """``path`` relative to the working directory when below it, else absolute."""
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else os.path.abspath(path)
+
+
+def eval_command() -> str:
+    """How to run ``launch/eval.py`` from here, with the Python that runs this (a bare ``python`` may be
+    another one without an activated venv)."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "launch", "eval.py")
+    return f"{_as_typed(sys.executable)} {_as_typed(script) if os.path.exists(script) else 'launch/eval.py'}"
+
+
 def finish(run: Run, run_start: float) -> RunResult:
     """Phase 5: the summary lines; the result every rank returns."""
     metrics, last_path, run_dir = run.metrics, run.state.last_checkpoint, run.cfg.output_dir
@@ -342,7 +440,7 @@ def finish(run: Run, run_start: float) -> RunResult:
             ("total time", f"{total:.1f} s for {len(metrics) - (run.start_epoch - 1)} epoch(s) on "
                            f"{run.info.world_size} rank(s)"),
             ("run dir", f"{run_dir}/  config.yaml  metrics.jsonl  ckpt_epoch{{N}}.pt "
-                        f"(last {run.cfg.train.keep_checkpoints})"),
-            ("evaluate", f"python launch/eval.py --checkpoint {last_path}"),
+                        f"(last {run.cfg.train.keep_checkpoints})  logs/rank{{N}}.log"),
+            ("evaluate", f"{eval_command()} --checkpoint {last_path}"),
         ])
     return RunResult(metrics, run.model_without_ddp, run_dir, last_path, run.resumed_from)

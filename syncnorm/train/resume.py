@@ -15,11 +15,12 @@ def _flatten(data, prefix=""):
 
 
 def restore(run, resume: str) -> None:
-    """Phase 2 of a run (with ``--resume``): every rank reads the same file (rank 0 wrote it) and
+    """Phase 2 of a run (with ``--resume``): every rank reads the file rank 0 chose (or all stop, see
+    :func:`syncnorm.train.checkpoint.agree_on_resume`) and
     restores ``run``'s model, optimizer, scheduler, RNG state and metrics so far (``run`` is a
     :class:`syncnorm.train.loop.Run`)."""
     run_dir = run.cfg.output_dir
-    found = ckpt.find_resume(resume, run_dir, run.reporter.warn)
+    found = ckpt.agree_on_resume(resume, run_dir, run.info, run.reporter.warn)
     if found is None:
         run.reporter.warn(f"--resume auto: no checkpoint in {run_dir}; starting from epoch 1")
         return

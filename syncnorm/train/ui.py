@@ -1,13 +1,23 @@
-"""What the user sees: one :class:`Reporter`, which prints only on rank 0 (other ranks get a silent one).
+"""What the user sees: one :class:`Reporter`, which prints only on rank 0 (other ranks get a silent one),
+and every rank's own log file.
 
 During an epoch a ``rich`` progress bar shows steps, loss (rank 0's running mean), samples/s (all
 ranks) and ETA; it disappears at the end of the epoch and a table row with the epoch's global metrics
-takes its place. The rows of all epochs line up into one table. Nothing patches ``print``.
+takes its place. The rows of all epochs line up into one table. Nothing patches ``print``. When the
+output is not a terminal (a pipe, a file), there is no progress bar and lines are not wrapped.
+
+:meth:`Reporter.with_log` gives a reporter that also writes every line it is given (start-up keys,
+warnings, epoch rows, summary, the failure) to a plain-text log, on every rank, rank 0 included:
+``output_dir/logs/rank{N}.log``, appended to (a resumed or restarted run continues the file).
 """
 
 import contextlib
+import copy
+import os
+import re
 import sys
-from typing import Dict, Iterator, Optional, Sequence
+import time
+from typing import Dict, Iterator, Optional, Sequence, TextIO
 
 from rich import box
 from rich.console import Console
@@ -31,19 +41,49 @@ class Reporter:
 
     def __init__(self, enabled: bool = True, console: Optional[Console] = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(highlight=False, soft_wrap=False)
+        self.console = console or default_console()
         self._header_done = False
+        self.log: Optional[TextIO] = None  # this rank's log file (see with_log)
+        self.log_path: Optional[str] = None
+
+    def with_log(self, path: str, header: str = "") -> "Reporter":
+        """A copy of this reporter that also appends every line to the log file ``path`` (created with
+        its directory); ``header`` starts this run's part of the file. Close it with :meth:`close_log`."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        other = copy.copy(self)
+        other.log = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered: a crash keeps the lines
+        other.log_path = path
+        other.write_log(f"---- {header}" if header else "----")
+        return other
+
+    def write_log(self, text: str) -> None:
+        """One line in this rank's log (nothing without one), time-stamped, markup removed."""
+        if self.log is not None:
+            plain = re.sub(r"\[/?(dim|bold)\]", "", text)
+            self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {plain}\n")
+
+    def close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def info(self, text: str) -> None:
+        self.write_log(text)
         if self.enabled:
             self.console.print(text, markup=False, highlight=False)
 
     def warn(self, text: str) -> None:
+        self.write_log(f"warning: {text}")
         if self.enabled:
             self.console.print(f"warning: {text}", style="yellow", markup=False, highlight=False)
 
+    def failure(self, text: str) -> None:
+        """The run's one-line failure, in the log only (the launcher prints it)."""
+        self.write_log(f"error: {text}")
+
     def keys(self, pairs: Sequence) -> None:
         """One line of ``key value`` pairs, keys dimmed."""
+        self.write_log("  ".join(f"{k} {v}" for k, v in pairs))
         if self.enabled:
             text = "  ".join(f"[dim]{k}[/dim] {v}" for k, v in pairs)
             self.console.print(text, highlight=False)
@@ -66,6 +106,7 @@ class Reporter:
 
     def epoch_row(self, metrics: Dict) -> None:
         """Print one epoch's row (the header too, before the first row)."""
+        self.write_log("  ".join(f"{header} {fmt.format(metrics[key])}" for header, key, _, fmt in COLUMNS))
         if not self.enabled:
             return
         table = Table(box=box.SIMPLE_HEAD, show_header=not self._header_done, show_edge=False, pad_edge=False)
@@ -76,10 +117,20 @@ class Reporter:
         self._header_done = True
 
     def summary(self, lines: Sequence) -> None:
+        for key, value in lines:
+            self.write_log(f"{key} {value}")
         if self.enabled:
             self.console.print()
             for key, value in lines:
                 self.console.print(f"[bold]{key}[/bold] {value}", highlight=False)
+
+
+def default_console() -> Console:
+    """rich's console on stdout; off a terminal (a pipe, a file) it does not wrap lines at 80 columns."""
+    console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, soft_wrap=True)
+    return console
 
 
 def error_line(text: str) -> None:
