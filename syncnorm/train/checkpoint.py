@@ -9,6 +9,10 @@ Loading is ``torch.load(..., weights_only=True)`` only: a file that needs arbitr
 pickle carrying code) is refused. Everything stored is tensors, numbers, strings, lists, tuples and
 dicts. ``--resume auto`` takes the newest file that loads and validates, reporting (not failing on)
 newer ones that are truncated or corrupt.
+
+With several ranks, :func:`agree_on_resume` makes that choice once: rank 0 picks the file, every rank
+loads that same file (so ``--resume`` needs an ``output_dir`` every node can read), and a rank that
+cannot stops every rank -- never a mix of epochs.
 """
 
 import os
@@ -19,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from syncnorm.train.errors import CheckpointError
@@ -91,9 +96,11 @@ def atomic_write_text(text: str, path: str) -> None:
 
 
 def save_checkpoint(run_dir: str, epoch: int, payload: Dict[str, Any], keep: int) -> str:
-    """Write epoch ``epoch``'s checkpoint and delete all but the newest ``keep``; return its path."""
+    """Write epoch ``epoch``'s checkpoint and delete all but the newest ``keep``; return its path.
+    The file also records the world size that saved it (``world_size``; checked on resume)."""
     path = checkpoint_path(run_dir, epoch)
-    atomic_save(dict(payload, format=FORMAT, epoch=epoch), path)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    atomic_save(dict(payload, format=FORMAT, epoch=epoch, world_size=payload.get("world_size", world)), path)
     for old_epoch, old_path in list_checkpoints(run_dir)[:-keep]:
         try:
             os.unlink(old_path)
@@ -175,6 +182,72 @@ def find_resume(resume: str, run_dir: str, warn: Callable[[str], None]) -> Optio
             continue
         return path, state
     raise CheckpointError(f"--resume auto: no usable checkpoint in {run_dir} ({'; '.join(problems)})")
+
+
+class SharedStorageError(CheckpointError):
+    """A rank cannot read the checkpoint rank 0 chose: the nodes do not share ``output_dir``.
+    Each node's ranks see it alike, so each node says it (not only rank 0's)."""
+
+    every_node = True
+
+
+def agree_on_resume(resume: str, run_dir: str, info, warn: Callable[[str], None]
+                    ) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """:func:`find_resume` decided once for all ranks; all ranks must call this.
+
+    Rank 0 resolves ``--resume`` (``auto``: the newest good checkpoint in its ``run_dir``) and
+    broadcasts its choice: the path and epoch, or "no checkpoint" (every rank starts at epoch 1), or
+    its error (every rank raises it). Every other rank then loads that same path; if any rank cannot,
+    or finds another epoch there, every rank raises :class:`SharedStorageError`. A checkpoint saved by
+    another world size gives a warning naming both. ``info`` is the rank's ``DistInfo``."""
+    found = error = None
+    if info.rank == 0:
+        try:
+            found = find_resume(resume, run_dir, warn)
+        except CheckpointError as raised:
+            error = raised
+    if info.world_size > 1:
+        choice = [None if info.rank else
+                  ("error", str(error)) if error is not None else
+                  ("none",) if found is None else
+                  ("file", found[0], int(found[1]["epoch"]))]
+        dist.broadcast_object_list(choice, src=0)
+        choice = choice[0]
+        if choice[0] == "error":
+            raise error if error is not None else CheckpointError(choice[1])
+        if choice[0] == "none":
+            return None
+        if info.rank:
+            found = _load_same(choice[1], choice[2])
+        problem = found if isinstance(found, str) else ""
+        problems = [None] * info.world_size
+        dist.all_gather_object(problems, problem)
+        failed = [rank for rank, text in enumerate(problems) if text]
+        if failed:
+            names = ", ".join(str(rank) for rank in failed)
+            raise SharedStorageError(
+                f"--resume {resume}: rank 0 chose {choice[1]} (epoch {choice[2]}), but rank{'s' * (len(failed) > 1)} "
+                f"{names} cannot read that same file ({problems[failed[0]]}): --resume needs an output_dir "
+                f"every node can read (shared storage, the same path on every node)")
+    if error is not None:
+        raise error
+    if found is not None:
+        saved_world = found[1].get("world_size")
+        if saved_world is not None and int(saved_world) != info.world_size:
+            warn(f"{found[0]} was saved by {int(saved_world)} ranks, this run has {info.world_size}: the global "
+                 f"batch and the data each rank sees change, so the results will differ from an uninterrupted run")
+    return found
+
+
+def _load_same(path: str, epoch: int):
+    """(path, state) when this rank reads epoch ``epoch`` at ``path``; else a short reason (a string)."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as error:
+        return str(error)
+    if int(state["epoch"]) != epoch:
+        return f"this rank finds epoch {int(state['epoch'])} there"
+    return path, state
 
 
 def check_model_state(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
