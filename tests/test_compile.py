@@ -1,0 +1,207 @@
+"""torch.compile: compiled SyncBatchNorm (layer, converted models, DDP) equals eager, with no graph break.
+
+``fullgraph=True`` is also the proof, on this CPU machine, that a synced step reads no value back to the
+host: a ``.tolist()``, ``.item()`` or a Python ``if`` on a tensor inside the step would be a graph
+break, which fullgraph turns into an error. The eager reference runs in the same ranks on the same
+data (eager CPU takes the host-read path, so the two paths are checked against each other; both are
+checked against BatchNorm on the global batch in test_core.py).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import syncnorm
+from syncnorm.testing import run_ranks
+
+# Compiling takes most of these tests' time; the rank processes get room for it.
+TIMEOUT = 600.0
+
+
+def _fresh_compile_state():
+    torch._dynamo.reset()
+
+
+def _batch(rank, step, shape, dtype, sizes):
+    """This rank's input for ``step``: the same on every call, different per rank, uneven sizes."""
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn((sizes[rank],) + tuple(shape), generator=generator, dtype=torch.float64) * 2 + 0.5
+    return x.to(dtype)
+
+
+def _bn_state(model):
+    """Every BatchNorm buffer (running stats, num_batches_tracked) and parameter gradient."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for key, buffer in module.named_buffers():
+                state[f"{name}.{key}"] = buffer.detach().clone()
+            for key, param in module.named_parameters():
+                state[f"{name}.{key}.grad"] = param.grad.detach().clone()
+    return state
+
+
+def _train_side_by_side(model, shape, sizes, dtype, steps, rank, fullgraph=True):
+    """Train an eager and a compiled copy of ``model`` on the same batches with SGD; return the largest
+    relative difference per quantity over all steps (outputs, input grads, BN grads/buffers, parameters)."""
+    _fresh_compile_state()
+    eager = model
+    compiled_copy = copy.deepcopy(model)
+    compiled = torch.compile(compiled_copy, fullgraph=fullgraph)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (eager, compiled_copy)]
+    worst = {}
+
+    def note(key, a, b):
+        # Relative to the reference's scale, as in reference.assert_close: max|a - b| / max(1, max|b|).
+        a, b = a.double(), b.double()
+        error = (a - b).abs().max().item() / max(1.0, b.abs().max().item()) if a.numel() else 0.0
+        worst[key] = max(worst.get(key, 0.0), error)
+
+    for step in range(steps):
+        x = _batch(rank, step, shape, dtype, sizes)
+        runs = []
+        for module, optimizer in zip((eager, compiled), optimizers):
+            optimizer.zero_grad()
+            local_x = x.clone().requires_grad_()
+            y = module(local_x)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+            runs.append((y.detach(), local_x.grad, _bn_state(eager if module is eager else compiled_copy)))
+            optimizer.step()
+        (y_eager, gx_eager, bn_eager), (y_comp, gx_comp, bn_comp) = runs
+        note("output", y_comp, y_eager)
+        note("input grad", gx_comp, gx_eager)
+        assert bn_eager.keys() == bn_comp.keys()
+        for key in bn_eager:
+            note(key, bn_comp[key], bn_eager[key])
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_copy.named_parameters()):
+        note(f"param {name}", b, a)
+    return worst
+
+
+def _assert_within(worst, tolerance, what):
+    bad = {key: error for key, error in worst.items() if not error <= tolerance}
+    assert not bad, f"{what}: compiled differs from eager by more than {tolerance:g}: {bad}"
+    assert any("num_batches_tracked" in key for key in worst), "no BatchNorm buffers compared"
+
+
+def _layer_case(rank, world_size):
+    sizes = [3, 5, 2][:world_size]
+    float64 = _train_side_by_side(
+        syncnorm.SyncBatchNorm(4).double(), (4, 6), sizes, torch.float64, steps=3, rank=rank)
+    float32 = _train_side_by_side(
+        syncnorm.SyncBatchNorm(4, momentum=None), (4, 5, 3), sizes, torch.float32, steps=1, rank=rank)
+    return float64, float32
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_compiled_layer_matches_eager(world_size):
+    for rank, (float64, float32) in enumerate(run_ranks(_layer_case, world_size, timeout=TIMEOUT)):
+        _assert_within(float64, 1e-7, f"rank {rank} float64, 3 SGD steps")
+        _assert_within(float32, 1e-5, f"rank {rank} float32, 1 step")
+
+
+def _lenet():
+    from syncnorm.train.models import LeNet
+
+    return syncnorm.convert_sync_batchnorm(LeNet(norm="bn"))
+
+
+def _resnet18():
+    from torchvision.models import resnet18
+
+    return syncnorm.convert_sync_batchnorm(resnet18(num_classes=10))
+
+
+MODELS = {"lenet": (_lenet, (1, 28, 28)), "resnet18": (_resnet18, (3, 32, 32))}
+
+
+def _graph_breaks(model, x):
+    """Graph breaks dynamo finds in forward of ``model`` on ``x`` (runs the model once, synced)."""
+    _fresh_compile_state()
+    explanation = torch._dynamo.explain(model)(x)
+    return explanation.graph_break_count, [str(reason.reason) for reason in explanation.break_reasons]
+
+
+def _model_case(rank, world_size, name, dtype, steps):
+    torch.manual_seed(0)  # the same initial weights on every rank, as DDP would broadcast
+    build, shape = MODELS[name]
+    model = build().to(dtype)
+    sizes = [3, 5, 4][:world_size]
+    breaks = _graph_breaks(copy.deepcopy(model), _batch(rank, 99, shape, dtype, sizes))
+    return breaks, _train_side_by_side(model, shape, sizes, dtype, steps=steps, rank=rank)
+
+
+@pytest.mark.parametrize(
+    "name, world_size, dtype, steps, tolerance",
+    [
+        ("lenet", 2, torch.float64, 3, 1e-7),
+        ("resnet18", 2, torch.float64, 3, 1e-7),
+        pytest.param("lenet", 3, torch.float64, 3, 1e-7, marks=pytest.mark.slow),
+        pytest.param("lenet", 2, torch.float32, 1, 1e-5, marks=pytest.mark.slow),
+        pytest.param("resnet18", 3, torch.float64, 3, 1e-7, marks=pytest.mark.slow),
+        pytest.param("resnet18", 2, torch.float32, 1, 1e-5, marks=pytest.mark.slow),
+    ],
+    ids=lambda value: str(value).replace("torch.", ""),
+)
+def test_compiled_converted_model_matches_eager_without_graph_breaks(name, world_size, dtype, steps, tolerance):
+    results = run_ranks(_model_case, world_size, name, dtype, steps, timeout=TIMEOUT)
+    for rank, ((break_count, reasons), worst) in enumerate(results):
+        assert break_count == 0, f"rank {rank}: {break_count} graph breaks: {reasons}"
+        _assert_within(worst, tolerance, f"rank {rank} {name}")
+
+
+def _ddp_case(rank, world_size):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    sizes = [3, 5]
+    eager = DDP(_lenet().double())
+    compiled_ddp = DDP(_lenet().double())
+    compiled_ddp.module.load_state_dict(eager.module.state_dict())
+    _fresh_compile_state()
+    compiled = torch.compile(compiled_ddp)  # default settings: DDP's optimizer splits the graph at buckets
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_ddp)]
+    losses = []
+    for step in range(3):
+        x = _batch(rank, step, (1, 28, 28), torch.float64, sizes)
+        target = torch.arange(x.size(0)) % 10
+        step_losses = []
+        for module, optimizer in zip((eager, compiled), optimizers):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(module(x), target)
+            loss.backward()
+            optimizer.step()
+            step_losses.append(loss.item())
+        losses.append(step_losses)
+    state_eager, state_compiled = eager.module.state_dict(), compiled_ddp.module.state_dict()
+    worst = max((state_compiled[k].double() - state_eager[k].double()).abs().max().item() for k in state_eager)
+    return losses, worst
+
+
+def test_compiled_ddp_model_trains_like_eager_ddp():
+    results = run_ranks(_ddp_case, 2, timeout=TIMEOUT)
+    for rank, (losses, worst) in enumerate(results):
+        for eager_loss, compiled_loss in losses:
+            assert abs(eager_loss - compiled_loss) <= 1e-7 * max(1.0, abs(eager_loss)), losses
+        assert worst <= 1e-7, f"rank {rank}: parameters/buffers differ by {worst:g} after 3 steps"
+        assert losses[-1][0] < losses[0][0], f"rank {rank}: loss did not go down: {losses}"
+    # DDP keeps the ranks' models identical; both ranks end on the same state.
+    assert results[0][1] <= 1e-7 and results[1][1] <= 1e-7
+
+
+def _compiled_error(rank, world_size, scenario):
+    _fresh_compile_state()
+    layer = torch.compile(syncnorm.SyncBatchNorm(3), fullgraph=True)
+    x = torch.randn(1 if rank == 0 else 0, 3) if scenario == "one value" else torch.randn(4, 3)
+    try:
+        layer(x)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_compiled_cross_rank_check_raises_on_every_rank():
+    for rank, message in enumerate(run_ranks(_compiled_error, 2, "one value", timeout=TIMEOUT)):
+        assert "Expected more than 1 value per channel when training across all ranks" in message, (rank, message)
