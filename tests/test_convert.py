@@ -207,3 +207,6 @@ def test_isinstance_relations_differ_from_torch_syncbatchnorm():
     layer = syncnorm.convert_sync_batchnorm(nn.BatchNorm2d(3))
     assert isinstance(layer, _BatchNorm)  # code that looks for "any BatchNorm" finds it
     assert not isinstance(layer, nn.SyncBatchNorm)  # code that special-cases torch's SyncBN does not
+    # torch's converter takes any _BatchNorm, syncnorm's included: running it afterwards (as
+    # Trainer(sync_batchnorm=True) does) swaps syncnorm's layers for torch's CPU-refusing class.
+    assert type(nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(layer))[0]) is nn.SyncBatchNorm

@@ -36,6 +36,8 @@ def _train_step(model, optimizer, x):
 
 def _train_and_export_a_copy(rank, world_size):
     model = nn.parallel.DistributedDataParallel(syncnorm.convert_sync_batchnorm(_model()))
+    # DDP looks for torch's class only: its logging says "no SyncBN" (docs/integrations.md).
+    assert not model._get_ddp_logging_data().get("has_sync_bn", True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reference = _model()  # one process, plain BatchNorm, the concatenated batches
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
