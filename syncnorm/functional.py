@@ -219,7 +219,13 @@ def sync_batch_norm(
     if problem is not None:
         if synced and expected is not None:
             dtype = stats.stats_dtype(input.dtype) if input.is_floating_point() else torch.float32
-            comm.all_gather(stats.invalid_packet(expected, dtype, input.device), process_group)
+            gathered = comm.all_gather(stats.invalid_packet(expected, dtype, input.device), process_group)
+            if is_compiling():
+                # A raise would stop the trace before the marker is sent, leaving the other ranks to
+                # time out; an assert that fails when the graph runs sends it first (the gathered
+                # counts include this rank's marker, so it always fails).
+                torch._assert_async((gathered.select(1, 0) != stats.INVALID_COUNT).all(), f"SyncBatchNorm {problem}")
+                return input
         raise ValueError(f"SyncBatchNorm {problem}")
     if not synced:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

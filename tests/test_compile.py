@@ -191,17 +191,39 @@ def test_compiled_ddp_model_trains_like_eager_ddp():
     assert results[0][1] <= 1e-7 and results[1][1] <= 1e-7
 
 
-def _compiled_error(rank, world_size, scenario):
-    _fresh_compile_state()
-    layer = torch.compile(syncnorm.SyncBatchNorm(3), fullgraph=True)
-    x = torch.randn(1 if rank == 0 else 0, 3) if scenario == "one value" else torch.randn(4, 3)
-    try:
-        layer(x)
-    except RuntimeError as error:
-        return str(error)
-    return "no error"
+SCENARIOS = {
+    # name: (input on rank 0, input on rank 1), expected message per rank
+    "one value": ((1, 3), (0, 3)),
+    "1D input on rank 1": ((4, 3), (4,)),
+    "wrong channels on rank 0": ((4, 5), (4, 3)),
+}
+EXPECTED = {
+    "one value": ["Expected more than 1 value per channel when training across all ranks"] * 2,
+    "1D input on rank 1": ["SyncBatchNorm got an invalid input on another rank",
+                           "SyncBatchNorm expected at least 2D input (got 1D input)"],
+    "wrong channels on rank 0": ["SyncBatchNorm expected input with 3 channels in dimension 1",
+                                 "SyncBatchNorm got an invalid input on another rank"],
+}
 
 
-def test_compiled_cross_rank_check_raises_on_every_rank():
-    for rank, message in enumerate(run_ranks(_compiled_error, 2, "one value", timeout=TIMEOUT)):
-        assert "Expected more than 1 value per channel when training across all ranks" in message, (rank, message)
+def _compiled_errors(rank, world_size):
+    messages = {}
+    for scenario, shapes in SCENARIOS.items():
+        _fresh_compile_state()
+        layer = torch.compile(syncnorm.SyncBatchNorm(3), fullgraph=True)
+        try:
+            layer(torch.randn(shapes[rank]))
+            messages[scenario] = "no error"
+        except RuntimeError as error:
+            messages[scenario] = str(error)
+    return messages
+
+
+def test_compiled_cross_rank_checks_raise_on_every_rank():
+    # Inside a graph nothing may be read on the host, so the checks are on-device asserts; the rank
+    # with the bad input still sends its marker before its own assert fails: no rank waits. Every rank
+    # stops at the same point, so the next scenario runs in the same process group.
+    results = run_ranks(_compiled_errors, 2, timeout=TIMEOUT, pg_timeout=60.0)
+    for scenario, expected in EXPECTED.items():
+        for rank, messages in enumerate(results):
+            assert expected[rank] in messages[scenario], f"{scenario}, rank {rank}: {messages[scenario]!r}"
