@@ -16,7 +16,7 @@ from syncnorm import comm, stats
 from syncnorm._compat import is_compiling
 
 
-def _host_reads_allowed(input: Tensor) -> bool:
+def host_reads_allowed(input: Tensor) -> bool:
     """Whether the forward may read the gathered counts back to Python.
 
     Only for CPU tensors in eager mode: they are in host memory already, so the read is free and lets
@@ -59,7 +59,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         gathered = comm.all_gather(stats.pack_stats(count, mean, var), process_group)
         ctx.process_group = process_group
         ctx.eps = eps
-        if _host_reads_allowed(input):
+        if host_reads_allowed(input):
             # The counts as Python numbers (one small copy): the checks and weights cost no ops.
             counts = gathered.select(1, 0).tolist()
             _raise_if_any_rank_invalid(counts, process_group)

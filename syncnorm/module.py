@@ -3,12 +3,12 @@
 from typing import Optional
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncnorm import comm
 from syncnorm._compat import is_compiling
-from syncnorm.functional import input_error, sync_batch_norm
+from syncnorm.functional import host_reads_allowed, input_error, sync_batch_norm
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -89,21 +89,26 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"{type(self).__name__} {problem}")
 
     def forward(self, input: Tensor) -> Tensor:
+        # Only training syncs; eval with batch statistics (track_running_stats=False) stays local,
+        # as in torch.nn.SyncBatchNorm.
+        synced = self.training and comm.world_size(self.process_group) > 1
         # Momentum bookkeeping as in BatchNorm: num_batches_tracked counts training steps, and with
         # momentum=None the running averages are cumulative (factor 1 / steps).
         average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                average_factor = 1.0 / float(self.num_batches_tracked)
+                if synced and not host_reads_allowed(input):
+                    # Stays a device tensor: reading the step count would be a host sync.
+                    average_factor = self.num_batches_tracked.double().reciprocal()
+                else:
+                    average_factor = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are updated only when they are tracked and we are training.
         running_mean = self.running_mean if not self.training or self.track_running_stats else None
         running_var = self.running_var if not self.training or self.track_running_stats else None
 
-        # Only training syncs; eval with batch statistics (track_running_stats=False) stays local,
-        # as in torch.nn.SyncBatchNorm.
-        if not (self.training and comm.world_size(self.process_group) > 1):
+        if not synced:
             self._check_input_dim(input)
             return F.batch_norm(
                 input, running_mean, running_var, self.weight, self.bias,
@@ -118,6 +123,14 @@ class SyncBatchNorm(_BatchNorm):
             input, running_mean, running_var, self.weight, self.bias, True, average_factor,
             self.eps, self.process_group, num_features=self.num_features,
         )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: comm.ProcessGroup = None) -> nn.Module:
+        """torch's idiom, ``SyncBatchNorm.convert_sync_batchnorm(model)``: the same as
+        :func:`syncnorm.convert_sync_batchnorm`."""
+        from syncnorm.convert import convert_sync_batchnorm  # convert imports this module
+
+        return convert_sync_batchnorm(module, process_group)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -89,7 +89,8 @@ def test_float32_statistics_stay_exact_when_mean_dwarfs_std():
     compare(case64, rank_results, rel=1e-3, buffer_rel=1e-6)
 
 
-def test_affine_running_stats_momentum_and_eval_options():
+@pytest.mark.parametrize("path", PATHS)
+def test_affine_running_stats_momentum_and_eval_options(path):
     sizes = [[3, 5], [6, 2]]
     eval_batch = torch.randn(8, 4, 3, dtype=torch.float64) * 2 + 1
     cases = [
@@ -98,7 +99,7 @@ def test_affine_running_stats_momentum_and_eval_options():
         make_case((0, 4, 3), sizes, kwargs={"momentum": 0.5, "eps": 1e-3}, eval_input=eval_batch),
         make_case((0, 4, 3), sizes, kwargs={"track_running_stats": False}),
     ]
-    results = run_ranks(run_cases_on_rank, 2, cases)
+    results = run_ranks(run_cases_on_rank, 2, cases, path)
     for index, case in enumerate(cases):
         compare(case, [rank_results[index] for rank_results in results], rel=1e-10)
 
