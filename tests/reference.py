@@ -63,11 +63,12 @@ def _record_step(record, layer, output, input) -> None:
         layer.weight.grad = layer.bias.grad = None
 
 
-def run_layer_on_rank(rank: int, world_size: int, case: LayerCase, group_ranks=None):
+def run_layer_on_rank(rank: int, world_size: int, case: LayerCase, group_ranks=None, device="cpu"):
     """Train a syncnorm layer on this rank's slices of ``case``; return what the test compares.
 
     ``group_ranks``: if given, a list of rank lists; the layer syncs within the list holding ``rank``
-    and takes its slice by its position there.
+    and takes its slice by its position there. ``device``: where the layer and its inputs live (the
+    record comes back on the CPU).
     """
     import torch.distributed as dist
 
@@ -79,20 +80,33 @@ def run_layer_on_rank(rank: int, world_size: int, case: LayerCase, group_ranks=N
     channels = case.inputs[0].size(1)
     layer = syncnorm.SyncBatchNorm(channels, process_group=group, **case.kwargs).to(case.module_dtype)
     init_affine(layer, channels)
+    layer.to(device)
     record = {"outputs": [], "input_grads": [], "weight_grads": [], "bias_grads": [], "formats_kept": []}
     for x, dy, sizes in zip(case.inputs, case.grads, case.sizes):
         assert len(sizes) == members
-        local_x = _format(_split(x, sizes, position).clone(), case.channels_last).requires_grad_()
+        local_x = _format(_split(x, sizes, position).to(device, copy=True), case.channels_last).requires_grad_()
         y = layer(local_x)
-        y.backward(_format(_split(dy, sizes, position).clone(), case.channels_last))
+        y.backward(_format(_split(dy, sizes, position).to(device, copy=True), case.channels_last))
         _record_step(record, layer, y, local_x)
         record["formats_kept"].append(y.dtype == local_x.dtype and y.stride() == local_x.stride())
     record["buffers"] = {name: buf.clone() for name, buf in layer.named_buffers()}
     if case.eval_input is not None:
         layer.eval()
         sizes = case.sizes[-1]
-        record["eval_output"] = layer(_format(_split(case.eval_input, sizes, position), case.channels_last))
-    return record
+        eval_input = _split(case.eval_input, sizes, position).to(device)
+        record["eval_output"] = layer(_format(eval_input, case.channels_last))
+    return _to_cpu(record)
+
+
+def _to_cpu(value):
+    """``value`` with every tensor in it (nested in dicts and lists) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(item) for item in value]
+    return value
 
 
 def run_reference(case: LayerCase):
