@@ -1,8 +1,9 @@
 """syncnorm inside Lightning (Trainer plugin), Lightning Fabric and HF accelerate, on 2 CPU processes.
 
-Each test runs this file as a script the way a user runs a training script (Lightning's own launcher
-for Trainer and Fabric, torchrun for accelerate), in a new session with a deadline, and compares what
-every rank wrote with one process training plain BatchNorm on the concatenated batches in float64.
+Each test runs this file as a script the way a user runs a training script (``python script.py``,
+Lightning's own launcher starting rank 1, for Fabric and then the Trainer in the same two processes;
+torchrun for accelerate), in a new session with a deadline, and compares what every rank wrote with
+one process training plain BatchNorm on the concatenated batches in float64.
 The frameworks pick and shard the data (Lightning's shuffling DistributedSampler, accelerate's
 batch sharding), so each rank records the sample indices it trained on and the reference replays them.
 """
@@ -150,7 +151,17 @@ def run_accelerate(out: str) -> None:
                os.path.join(out, f"rank{accelerator.process_index}.pt"))
 
 
-SCRIPTS = {"lightning": run_lightning_trainer, "fabric": run_fabric, "accelerate": run_accelerate}
+def run_fabric_then_trainer(out: str) -> None:
+    """Both Lightning runs in one pair of processes (Lightning's imports dominate the time): Fabric
+    starts rank 1; the Trainer then finds the ranks and the process group in place."""
+    os.makedirs(os.path.join(out, "fabric"), exist_ok=True)
+    os.makedirs(os.path.join(out, "trainer"), exist_ok=True)
+    run_fabric(os.path.join(out, "fabric"))
+    run_lightning_trainer(os.path.join(out, "trainer"))
+
+
+SCRIPTS = {"lightning": run_lightning_trainer, "fabric": run_fabric, "accelerate": run_accelerate,
+           "fabric+trainer": run_fabric_then_trainer}
 
 
 # ---- the tests
@@ -206,34 +217,38 @@ def _check_against_reference(results, converted_class="SyncBatchNorm", reverted=
         torch.testing.assert_close(rank0["state"][name], value, rtol=0, atol=1e-10, msg=name)
     # The statistics moved away from their initial values: the comparison is not vacuous.
     assert rank0["state"]["5.num_batches_tracked"] == STEPS
-    assert rank0["state"]["1.running_var"].sub(1).abs().min() > 1e-3
+    assert rank0["state"]["1.running_var"].sub(1).abs().max() > 0.05
 
 
 def _run_script(name, tmp_path, launcher=()):
     out = tmp_path / "out"
     out.mkdir()
     _launch([*launcher, os.path.abspath(__file__), name, str(out)], tmp_path)
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+    return out
 
 
-def test_lightning_trainer_plugin_equals_one_process_on_the_global_batch(tmp_path):
-    pytest.importorskip("lightning", reason="the Lightning test needs pip install -e '.[dev]'")
-    results = _run_script("lightning", tmp_path, launcher=[sys.executable])
-    _check_against_reference(results)  # the plugin's revert ran at the end of fit
+@pytest.fixture(scope="module")
+def lightning_runs(tmp_path_factory):
+    """One 2-process run of Fabric, then the Trainer (see run_fabric_then_trainer)."""
+    pytest.importorskip("lightning", reason="the Lightning tests need pip install -e '.[dev]'")
+    out = _run_script("fabric+trainer", tmp_path_factory.mktemp("lightning"), launcher=[sys.executable])
+    return {part: [torch.load(out / part / f"rank{rank}.pt") for rank in range(2)] for part in ("fabric", "trainer")}
 
 
-def test_fabric_recipe_equals_one_process_on_the_global_batch(tmp_path):
-    pytest.importorskip("lightning", reason="the Fabric test needs pip install -e '.[dev]'")
-    results = _run_script("fabric", tmp_path, launcher=[sys.executable])
-    _check_against_reference(results, reverted=False)
+def test_lightning_trainer_plugin_equals_one_process_on_the_global_batch(lightning_runs):
+    _check_against_reference(lightning_runs["trainer"])  # the plugin's revert ran at the end of fit
+
+
+def test_fabric_recipe_equals_one_process_on_the_global_batch(lightning_runs):
+    _check_against_reference(lightning_runs["fabric"], reverted=False)
 
 
 def test_accelerate_recipe_equals_one_process_on_the_global_batch(tmp_path):
     pytest.importorskip("accelerate", reason="the accelerate test needs pip install -e '.[dev]'")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     launcher = [torchrun, "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
-    results = _run_script("accelerate", tmp_path, launcher=launcher)
-    _check_against_reference(results, reverted=False)
+    out = _run_script("accelerate", tmp_path, launcher=launcher)
+    _check_against_reference([torch.load(out / f"rank{rank}.pt") for rank in range(2)], reverted=False)
 
 
 def test_pytorch_lightning_trainer_accepts_its_plugin():
