@@ -21,7 +21,7 @@ import torch
 
 from syncnorm.testing import run_ranks
 from syncnorm.train import checkpoint as ckpt
-from syncnorm.train import distributed, loop
+from syncnorm.train import distributed, epoch, loop
 from syncnorm.train.config import from_dict, load_config, to_dict
 from trainkit import DETERMINISTIC, LENET, QUIET, ROOT, free_port, load_launcher
 
@@ -47,14 +47,14 @@ def _cfg(out, epochs=2, norm="bn", max_steps=4, **train_keys):
 
 
 class _Fault:
-    """Wraps ``loop.training_step`` in a rank's process: at call ``at`` (0-based, over the whole run) on
+    """Wraps ``epoch.training_step`` in a rank's process: at call ``at`` (0-based, over the whole run) on
     rank ``rank`` (None: every rank) it poisons the loss or the inputs with NaN, or raises (``kind`` an
     exception: that one)."""
 
     def __init__(self, rank, at, kind):
         self.rank, self.at, self.kind = rank, at, kind
         self.calls = 0
-        self.original = loop.training_step
+        self.original = epoch.training_step
 
     def __call__(self, model, inputs, targets):
         hit = self.calls == self.at and self.rank in (None, torch.distributed.get_rank())  # None: every rank
@@ -83,7 +83,7 @@ class _LastStep:
 
 
 def _train_with_fault(rank, world_size, cfg, fault):
-    loop.training_step = fault  # this rank's process only (a fresh fork per run)
+    epoch.training_step = fault  # this rank's process only (a fresh fork per run)
     last = _LastStep()
     try:
         result = loop.train(from_dict(cfg), reporter=QUIET, callbacks=[last])

@@ -1,33 +1,27 @@
-"""The training loop: one step, one epoch, evaluation, and the run.
+"""The run: ``train(cfg)``, a short sequence of named phases.
 
 ``train(cfg)`` is what ``launch/train.py`` runs (through :mod:`syncnorm.train.cli`); it also runs
-inside an already initialized process group (tests, benchmarks). A run is four phases, each a
-function of the :class:`Run` it fills in: :func:`set_up` (data, model, optimizer) -> :func:`restore`
-(from a checkpoint, with ``--resume``) -> :func:`start` (DDP, run dir, start-up lines) ->
-:func:`train_epochs` -> :func:`finish` (summary).
+inside an already initialized process group (tests, benchmarks). Each phase is a function of the
+:class:`Run` it fills in: :func:`set_up` (data, model, optimizer) -> :func:`restore` (from a checkpoint,
+with ``--resume``) -> :func:`start` (DDP, compile, run dir, start-up lines) -> :func:`train_epochs` ->
+:func:`finish` (summary).
 
-Per epoch: ``sampler.set_epoch``, :func:`train_one_epoch` (one :func:`training_step` per batch, then
-the step callbacks), :func:`evaluate` over the whole test set (each rank its shard, counts summed with
-one all_reduce), one row on screen, one line in ``metrics.jsonl``, one checkpoint (rank 0).
+Per epoch (:mod:`syncnorm.train.epoch` holds the step, the epoch and the evaluation):
+``sampler.set_epoch``, :func:`train_one_epoch`, :func:`evaluate`, one row on screen and in the rank's
+log, one line in ``metrics.jsonl``, one checkpoint (rank 0), then the ``on_epoch_end`` callbacks.
+Raising from a callback stops the run after the last checkpoint written, as a kill would (the tests use
+this to interrupt runs).
 
-Hook points for later features, without restructuring:
-
-* ``training_step`` returns the loss before ``backward``/``optimizer.step`` run in
-  :func:`train_one_epoch`; between the two, :func:`nonfinite_ranks` agrees on a non-finite loss across
-  ranks (one all_reduce of ``world_size`` floats per step) and ``train.nan_policy`` decides: ``stop``
-  raises :class:`NonFiniteLossError` (epoch, step, ranks; no checkpoint is written for that epoch),
-  ``skip`` drops the batch on every rank (no backward, no step, BatchNorm buffers restored) and counts
-  it in the epoch's ``skipped_steps``.
-* ``callbacks``: objects with optional ``on_step(state)`` and ``on_epoch_end(state)`` methods, where
-  ``state`` is the :class:`LoopState` (epoch, step, loss, metrics so far). Raising from a callback stops
-  the run after the last checkpoint written, as a kill would (the tests use this to interrupt runs).
-
-Failures of a started run raise :class:`TrainingError`: :class:`NonFiniteLossError`, and
-:class:`CollectiveError` when a collective times out or loses its peer (see :mod:`syncnorm.train.failures`).
+Failures of a started run raise :class:`TrainingError`: :class:`NonFiniteLossError`,
+:class:`CollectiveError` when a collective times out or loses its peer (see :mod:`syncnorm.train.failures`),
+:class:`UnsupportedOperationError`, :class:`Interrupted` (Ctrl-C).
 """
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -41,146 +35,17 @@ from syncnorm.train import failures, rundir
 from syncnorm.train.build import DTYPES, compile_model, load_data, make_model, make_optimizer, make_scheduler
 from syncnorm.train.config import Config, to_dict
 from syncnorm.train.data import make_loaders
-from syncnorm.train.distributed import (DistInfo, all_sum, broadcast_buffers, seed_everything, setup_distributed,
-                                        threads_text, wrap_ddp)
-from syncnorm.train.errors import (CollectiveError, ConfigError, DataError, Interrupted, NonFiniteLossError,
-                                   TrainingError, UnsupportedOperationError)
+from syncnorm.train.distributed import (DistInfo, broadcast_buffers, seed_everything, setup_distributed, threads_text,
+                                        wrap_ddp)
+from syncnorm.train.epoch import LoopState, evaluate, notify, train_one_epoch, training_step
+from syncnorm.train.errors import (CollectiveError, ConfigError, Interrupted, NonFiniteLossError, TrainingError,
+                                   UnsupportedOperationError)
 from syncnorm.train.models import count_parameters, has_sync_batchnorm
 from syncnorm.train.resume import restore
 from syncnorm.train.ui import Reporter
 
 __all__ = ["CollectiveError", "LoopState", "NonFiniteLossError", "RunResult", "TrainingError", "evaluate",
            "train", "train_one_epoch", "training_step"]
-
-
-# --------------------------------------------------------------------------- one step, one epoch
-
-
-@dataclass
-class LoopState:
-    """What callbacks see."""
-
-    epoch: int = 0
-    step: int = 0
-    loss: Optional[torch.Tensor] = None
-    metrics: List[Dict[str, Any]] = field(default_factory=list)
-    run_dir: str = ""
-    skipped_steps: int = 0  # this epoch's steps dropped by train.nan_policy=skip
-    phase: str = ""  # what the loop is doing (named when a collective fails)
-    last_checkpoint: Optional[str] = None
-
-
-def training_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Forward one batch; return the mean loss (not yet backpropagated) and the batch's counts."""
-    logits = model(inputs)
-    loss = nn.functional.cross_entropy(logits, targets)
-    with torch.no_grad():
-        correct = (logits.argmax(1) == targets).sum()
-    return {"loss": loss, "correct": correct, "count": torch.tensor(targets.numel(), device=targets.device)}
-
-
-def nonfinite_ranks(loss: torch.Tensor, info: DistInfo) -> List[int]:
-    """Ranks whose ``loss`` is NaN or infinite, the same list on every rank (one all_reduce of
-    ``world_size`` floats; none in one process)."""
-    flags = torch.zeros(info.world_size, dtype=torch.float32, device=loss.device)
-    flags[info.rank] = (~torch.isfinite(loss.detach())).float()
-    all_sum(flags, info)
-    return [rank for rank, flag in enumerate(flags.tolist()) if flag]
-
-
-def _notify(callbacks: Sequence, hook: str, state: LoopState) -> None:
-    for callback in callbacks:
-        if hasattr(callback, hook):
-            getattr(callback, hook)(state)
-
-
-def _nonfinite_loss(bad: List[int], step: int, state: LoopState, nan_policy: str) -> None:
-    """``train.nan_policy=stop``: raise, naming the step and the ranks; ``skip``: return (the caller drops it)."""
-    if nan_policy == "skip":
-        return
-    ranks = f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
-    last = state.last_checkpoint or "none (no epoch finished yet)"
-    raise NonFiniteLossError(
-        f"non-finite training loss at epoch {state.epoch}, step {step + 1} (on {ranks}); "
-        f"train.nan_policy=stop: stopped without saving epoch {state.epoch}, last good checkpoint: "
-        f"{last}; lower train.lr, check the data, or set train.nan_policy=skip")
-
-
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, info: DistInfo, dtype,
-                    max_steps: Optional[int] = None, advance=None, callbacks: Sequence = (),
-                    state: Optional[LoopState] = None, nan_policy: str = "stop") -> Dict[str, float]:
-    """Train one epoch; return global ``train_loss``, ``train_acc``, ``samples``, ``train_seconds``,
-    ``skipped_steps`` (batches dropped for a non-finite loss; not in the loss, accuracy or samples)."""
-    model.train()
-    state = state or LoopState()
-    state.skipped_steps = 0
-    # Sum of per-sample loss, correct predictions, samples: one tensor, reduced once at the end.
-    totals = torch.zeros(3, dtype=torch.float64, device=info.device)
-    local_loss, local_count = 0.0, 0
-    # nan_policy=skip restores the buffers (BatchNorm running statistics) the dropped forward updated.
-    buffers = list(model.buffers())
-    start = time.perf_counter()
-    for step, (inputs, targets) in enumerate(loader):
-        if max_steps is not None and step >= max_steps:
-            break
-        state.step, state.phase = step, "training step"
-        inputs = inputs.to(info.device, dtype=dtype, non_blocking=True)
-        targets = targets.to(info.device, non_blocking=True)
-        saved = [b.clone() for b in buffers] if nan_policy == "skip" else None
-        out = training_step(model, inputs, targets)
-        loss = out["loss"]
-        bad = nonfinite_ranks(loss, info)  # every rank gets the same answer: same path on all ranks
-        if bad:
-            _nonfinite_loss(bad, step, state, nan_policy)
-            with torch.no_grad():
-                for buffer, copy in zip(buffers, saved):
-                    buffer.copy_(copy)
-            state.skipped_steps += 1
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            batch = targets.numel()
-            totals += torch.stack([loss.detach().double() * batch, out["correct"].double(), out["count"].double()])
-        state.step, state.loss = step + 1, loss.detach()
-        _notify(callbacks, "on_step", state)
-        if advance is not None and not bad:
-            local_loss += loss.item() * batch
-            local_count += batch
-            elapsed = time.perf_counter() - start
-            advance(local_loss / local_count, local_count * info.world_size / max(elapsed, 1e-9))
-    seconds = time.perf_counter() - start
-    state.phase = "the epoch's training metrics"
-    loss_sum, correct, count = all_sum(totals, info).tolist()
-    if count == 0 and state.skipped_steps:
-        raise NonFiniteLossError(f"every step of epoch {state.epoch} ({state.skipped_steps}) had a non-finite "
-                                 f"loss and was skipped (train.nan_policy=skip); lower train.lr or check the data")
-    if count == 0:
-        raise DataError("an epoch had no training step; lower train.batch_size or set train.drop_last=false")
-    return {"train_loss": loss_sum / count, "train_acc": correct / count, "samples": int(count),
-            "train_seconds": seconds, "skipped_steps": state.skipped_steps}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, info: DistInfo, dtype) -> Dict[str, float]:
-    """Accuracy and mean loss over the whole test set: each rank its shard, sums all-reduced."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=info.device)
-    for inputs, targets in loader:
-        inputs = inputs.to(info.device, dtype=dtype)
-        targets = targets.to(info.device)
-        logits = model(inputs)
-        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
-        totals += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double(),
-                               torch.tensor(float(targets.numel()), dtype=torch.float64, device=info.device)])
-    loss_sum, correct, count = all_sum(totals, info).tolist()
-    model.train(was_training)
-    return {"test_loss": loss_sum / max(count, 1), "test_acc": correct / max(count, 1),
-            "test_correct": int(correct), "test_count": int(count)}
-
-
-# --------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -242,6 +107,8 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
         except (TrainingError, ConfigError):
             raise
         except Exception as error:
+            if _during_interrupt(error):
+                raise KeyboardInterrupt from error
             diagnosed = _diagnose(error, cfg, info, state, tag)
             if diagnosed is error:
                 raise
@@ -283,6 +150,35 @@ def _diagnose(error: Exception, cfg: Config, info: DistInfo, state: LoopState, t
         return CollectiveError(failures.describe_collective_failure(error, info, state, timeout_s, tag,
                                                                     logs_dir=logs_dir))
     return error
+
+
+def _during_interrupt(error: BaseException) -> bool:
+    """True when ``error`` was raised while handling a Ctrl-C (e.g. torch.save cut short)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C during the block takes effect after it (a checkpoint being written is finished first).
+    Only the main thread can set a signal handler; elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _interrupted(state: LoopState, reporter: Reporter) -> "Interrupted":
@@ -373,9 +269,10 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
                "samples": train_stats["samples"], "skipped_steps": train_stats["skipped_steps"]}
         run.metrics.append(row)
         run.reporter.epoch_row(row)
-        state.last_checkpoint = _save_epoch(run, epoch, row)
+        with _interrupts_deferred():  # the row and the checkpoint are written whole, and state says so
+            state.last_checkpoint = _save_epoch(run, epoch, row)
         state.phase = "end of epoch"
-        _notify(callbacks, "on_epoch_end", state)
+        notify(callbacks, "on_epoch_end", state)
 
 
 class _CompileTimer:

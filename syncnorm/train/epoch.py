@@ -1,0 +1,148 @@
+"""One training step, one epoch, evaluation: what :func:`syncnorm.train.loop.train` runs per epoch.
+
+Per epoch: :func:`train_one_epoch` (one :func:`training_step` per batch, then the step callbacks),
+then :func:`evaluate` over the whole test set (each rank its shard, counts summed with one all_reduce).
+
+Between the forward of :func:`training_step` and ``backward``/``optimizer.step``,
+:func:`nonfinite_ranks` agrees on a non-finite loss across ranks (one all_reduce of ``world_size``
+floats per step) and ``train.nan_policy`` decides: ``stop`` raises :class:`NonFiniteLossError`
+(epoch, step, ranks), ``skip`` drops the batch on every rank (no backward, no step, BatchNorm buffers
+restored) and counts it in the epoch's ``skipped_steps``.
+
+``callbacks``: objects with optional ``on_step(state)`` and ``on_epoch_end(state)`` methods, where
+``state`` is the :class:`LoopState` (epoch, step, loss, metrics so far).
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from syncnorm.train.distributed import DistInfo, all_sum
+from syncnorm.train.errors import DataError, NonFiniteLossError
+
+
+@dataclass
+class LoopState:
+    """What callbacks see."""
+
+    epoch: int = 0
+    step: int = 0
+    loss: Optional[torch.Tensor] = None
+    metrics: List[Dict[str, Any]] = field(default_factory=list)
+    run_dir: str = ""
+    skipped_steps: int = 0  # this epoch's steps dropped by train.nan_policy=skip
+    phase: str = ""  # what the loop is doing (named when a collective fails)
+    last_checkpoint: Optional[str] = None
+
+
+def training_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Forward one batch; return the mean loss (not yet backpropagated) and the batch's counts."""
+    logits = model(inputs)
+    loss = nn.functional.cross_entropy(logits, targets)
+    with torch.no_grad():
+        correct = (logits.argmax(1) == targets).sum()
+    return {"loss": loss, "correct": correct, "count": torch.tensor(targets.numel(), device=targets.device)}
+
+
+def nonfinite_ranks(loss: torch.Tensor, info: DistInfo) -> List[int]:
+    """Ranks whose ``loss`` is NaN or infinite, the same list on every rank (one all_reduce of
+    ``world_size`` floats; none in one process)."""
+    flags = torch.zeros(info.world_size, dtype=torch.float32, device=loss.device)
+    flags[info.rank] = (~torch.isfinite(loss.detach())).float()
+    all_sum(flags, info)
+    return [rank for rank, flag in enumerate(flags.tolist()) if flag]
+
+
+def notify(callbacks: Sequence, hook: str, state: LoopState) -> None:
+    for callback in callbacks:
+        if hasattr(callback, hook):
+            getattr(callback, hook)(state)
+
+
+def _nonfinite_loss(bad: List[int], step: int, state: LoopState, nan_policy: str) -> None:
+    """``train.nan_policy=stop``: raise, naming the step and the ranks; ``skip``: return (the caller drops it)."""
+    if nan_policy == "skip":
+        return
+    ranks = f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
+    last = state.last_checkpoint or "none (no epoch finished yet)"
+    raise NonFiniteLossError(
+        f"non-finite training loss at epoch {state.epoch}, step {step + 1} (on {ranks}); "
+        f"train.nan_policy=stop: stopped without saving epoch {state.epoch}, last good checkpoint: "
+        f"{last}; lower train.lr, check the data, or set train.nan_policy=skip")
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, info: DistInfo, dtype,
+                    max_steps: Optional[int] = None, advance=None, callbacks: Sequence = (),
+                    state: Optional[LoopState] = None, nan_policy: str = "stop") -> Dict[str, float]:
+    """Train one epoch; return global ``train_loss``, ``train_acc``, ``samples``, ``train_seconds``,
+    ``skipped_steps`` (batches dropped for a non-finite loss; not in the loss, accuracy or samples)."""
+    model.train()
+    state = state or LoopState()
+    state.skipped_steps = 0
+    # Sum of per-sample loss, correct predictions, samples: one tensor, reduced once at the end.
+    totals = torch.zeros(3, dtype=torch.float64, device=info.device)
+    local_loss, local_count = 0.0, 0
+    # nan_policy=skip restores the buffers (BatchNorm running statistics) the dropped forward updated.
+    buffers = list(model.buffers())
+    start = time.perf_counter()
+    for step, (inputs, targets) in enumerate(loader):
+        if max_steps is not None and step >= max_steps:
+            break
+        state.step, state.phase = step, "training step"
+        inputs = inputs.to(info.device, dtype=dtype, non_blocking=True)
+        targets = targets.to(info.device, non_blocking=True)
+        saved = [b.clone() for b in buffers] if nan_policy == "skip" else None
+        out = training_step(model, inputs, targets)
+        loss = out["loss"]
+        bad = nonfinite_ranks(loss, info)  # every rank gets the same answer: same path on all ranks
+        if bad:
+            _nonfinite_loss(bad, step, state, nan_policy)
+            with torch.no_grad():
+                for buffer, copy in zip(buffers, saved):
+                    buffer.copy_(copy)
+            state.skipped_steps += 1
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            batch = targets.numel()
+            totals += torch.stack([loss.detach().double() * batch, out["correct"].double(), out["count"].double()])
+        state.step, state.loss = step + 1, loss.detach()
+        notify(callbacks, "on_step", state)
+        if advance is not None and not bad:
+            local_loss += loss.item() * batch
+            local_count += batch
+            elapsed = time.perf_counter() - start
+            advance(local_loss / local_count, local_count * info.world_size / max(elapsed, 1e-9))
+    seconds = time.perf_counter() - start
+    state.phase = "the epoch's training metrics"
+    loss_sum, correct, count = all_sum(totals, info).tolist()
+    if count == 0 and state.skipped_steps:
+        raise NonFiniteLossError(f"every step of epoch {state.epoch} ({state.skipped_steps}) had a non-finite "
+                                 f"loss and was skipped (train.nan_policy=skip); lower train.lr or check the data")
+    if count == 0:
+        raise DataError("an epoch had no training step; lower train.batch_size or set train.drop_last=false")
+    return {"train_loss": loss_sum / count, "train_acc": correct / count, "samples": int(count),
+            "train_seconds": seconds, "skipped_steps": state.skipped_steps}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, info: DistInfo, dtype) -> Dict[str, float]:
+    """Accuracy and mean loss over the whole test set: each rank its shard, sums all-reduced."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=info.device)
+    for inputs, targets in loader:
+        inputs = inputs.to(info.device, dtype=dtype)
+        targets = targets.to(info.device)
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        totals += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double(),
+                               torch.tensor(float(targets.numel()), dtype=torch.float64, device=info.device)])
+    loss_sum, correct, count = all_sum(totals, info).tolist()
+    model.train(was_training)
+    return {"test_loss": loss_sum / max(count, 1), "test_acc": correct / max(count, 1),
+            "test_correct": int(correct), "test_count": int(count)}
