@@ -71,6 +71,10 @@ def _modules_of_torch_and_its_requirements() -> set:
 
 
 def test_syncnorm_works_with_only_torch_importable(tmp_path):
+    if sys.version_info < (3, 10):
+        import pytest
+
+        pytest.skip("the import blocker needs Python 3.10+ (sys.stdlib_module_names)")
     allowed = _modules_of_torch_and_its_requirements()
     assert not allowed & set(MUST_BE_BLOCKED), "torch now requires one of these: update MUST_BE_BLOCKED"
     (tmp_path / "sitecustomize.py").write_text(_SITECUSTOMIZE)
@@ -122,9 +126,11 @@ def _main():
     try:
         import syncnorm.integrations.lightning  # noqa: F401
     except ImportError as error:
-        assert "pip install 'syncnorm[lightning]'" in str(error), error
+        message = str(error)
     else:
         raise AssertionError("syncnorm.integrations.lightning imported without Lightning")
+    assert "install it: pip install lightning" in message, message
+    print(message)
     print("refused imports:", sorted(set(sitecustomize.REFUSED)))
     print("torch-only: import, 2-rank step and reference agree")
 

@@ -18,9 +18,9 @@ class SyncNormLayerSyncMethods:
         return revert_sync_batchnorm(model, inplace=True)
 
 
-def missing(package: str, extra: str, error: ImportError) -> ImportError:
+def missing(module: str, distribution: str, error: ImportError) -> ImportError:
     """A one-line ImportError that says which package is missing and how to install it."""
     return ImportError(
-        f"syncnorm.integrations.{package} needs the {package!r} package (import failed: {error}); "
-        f"install it with: pip install 'syncnorm[{extra}]'"
+        f"syncnorm.integrations.{module} needs the {distribution!r} package (import failed: {error}); "
+        f"install it: pip install {distribution} (or syncnorm's 'lightning' extra: pip install -e '.[lightning]')"
     )

@@ -9,7 +9,7 @@ from syncnorm.integrations._layer_sync import SyncNormLayerSyncMethods, missing
 try:
     from pytorch_lightning.plugins import LayerSync
 except ImportError as error:
-    raise missing("pytorch_lightning", "lightning", error) from error
+    raise missing("pytorch_lightning", "pytorch-lightning", error) from error
 
 
 class SyncNormLayerSync(SyncNormLayerSyncMethods, LayerSync):
