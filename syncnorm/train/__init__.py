@@ -3,10 +3,13 @@
 Each module one job, layers bottom up (each imports only those below it):
 
 * ``errors`` (exceptions); ``norms``, ``inits``, ``data``; ``models``; ``config`` (YAML -> typed config)
-* ``failures`` (what a failed collective means); ``distributed`` (process group, threads, DDP)
-* ``checkpoint`` (atomic save, safe load); ``rundir`` (config.yaml, metrics.jsonl); ``ui`` (what rank 0 prints)
+* ``failures`` (what a failed collective means); ``network`` (gloo's interface); ``distributed`` (process
+  group, threads, DDP)
+* ``checkpoint`` (atomic save, safe load); ``rundir`` (checks; config.yaml, metrics.jsonl); ``ui`` (what rank 0 prints; every
+  rank's log)
 * ``build`` (data, model, optimizer from the config); ``resume`` (restore from a checkpoint)
-* ``loop`` (step, epoch, evaluate; the run: set up -> restore -> start -> epochs -> finish)
+* ``epoch`` (one step, one epoch, evaluation)
+* ``loop`` (the run: set up -> restore -> start -> epochs -> finish)
 * ``evaluation`` (a checkpoint in one process); ``cli`` (command lines, exit codes)
 """
 
