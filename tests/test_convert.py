@@ -210,3 +210,15 @@ def test_isinstance_relations_differ_from_torch_syncbatchnorm():
     # torch's converter takes any _BatchNorm, syncnorm's included: running it afterwards (as
     # Trainer(sync_batchnorm=True) does) swaps syncnorm's layers for torch's CPU-refusing class.
     assert type(nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(layer))[0]) is nn.SyncBatchNorm
+
+
+def test_classmethod_alias_works_like_torchs_idiom():
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    weight, running_var = model[1].weight, model[1].running_var
+    # torch's line, nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group), with the class swapped
+    converted = syncnorm.SyncBatchNorm.convert_sync_batchnorm(model, process_group="sentinel-group")
+    assert converted is model and type(model[1]) is syncnorm.SyncBatchNorm
+    assert model[1].weight is weight and model[1].running_var is running_var
+    assert model[1].process_group == "sentinel-group"
+    assert type(syncnorm.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(3))) is syncnorm.SyncBatchNorm
+    assert _classes(syncnorm.revert_sync_batchnorm(model)) == [nn.BatchNorm2d]
