@@ -94,3 +94,15 @@ def _spawn(fn, world_size, args, backend, threads, timeout, pg_timeout):
     except RankFailure as failure:
         raise LaunchError(str(failure)) from None
     return results[0]
+
+
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+COMMITTED_RESULTS = os.path.join(BENCHMARKS, "results")
+# Ordinary runs write here (ignored by git); --update-results refreshes the committed files instead.
+SCRATCH_RESULTS = os.path.join(os.path.dirname(BENCHMARKS), "runs", "benchmarks")
+
+
+def results_path(name: str, update_results: bool) -> str:
+    """Output path (without extension) for the results called ``name``."""
+    return os.path.join(COMMITTED_RESULTS if update_results else SCRATCH_RESULTS, name)
+

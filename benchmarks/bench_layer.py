@@ -14,6 +14,8 @@ Columns (forward + backward of one layer, input requires grad, fresh gradients e
                    autograd Function: forward all_gather of 1+2C floats, backward sum of 2C floats
                    (through ``syncnorm.comm``, so the all_reduce / all_gather+sum switch applies).
 * ``syncnorm``  -- ``syncnorm.SyncBatchNorm``.
+* ``compiled``  -- ``torch.compile(syncnorm.SyncBatchNorm(...), fullgraph=True)`` (compiled during the
+                   warm-up rounds; ``--no-compile`` leaves it out).
 * ``separate``  -- the "separate collectives" algorithm of the common SyncBN walk-throughs (as in
                    ``torch.nn.SyncBatchNorm`` on CUDA): three all_gathers (count, mean, invstd) in
                    forward, two all_reduces (sum_dy, sum_dy_xmu) in backward. Written here with the
@@ -24,8 +26,8 @@ Columns (forward + backward of one layer, input requires grad, fresh gradients e
 * ``ag(1+2C)``, ``ar(2C)``, ``ag+sum(2C)`` -- the bare collectives, for reference: the forward
   all_gather, and the two ways to sum the backward's 2C floats.
 
-    python benchmarks/bench_layer.py                 # 2 ranks, ~2 minutes
-    python benchmarks/bench_layer.py --quick         # smoke run, ~20 s
+    python benchmarks/bench_layer.py                 # 2 ranks, ~5 minutes (compiling included)
+    python benchmarks/bench_layer.py --quick         # smoke run, ~2 minutes
     torchrun --nproc-per-node 2 benchmarks/bench_layer.py --iters 300
 """
 
@@ -46,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402
-from _launch import launch  # noqa: E402
+from _launch import launch, results_path  # noqa: E402
 
 import syncnorm  # noqa: E402
 from syncnorm import comm  # noqa: E402
@@ -54,7 +56,6 @@ from syncnorm import comm  # noqa: E402
 EPS = 1e-5
 MOMENTUM = 0.1
 ALWAYS_GATHER = 1 << 30  # a GATHER_SUM_MAX_WORLD above any world size
-DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_layer.json")
 
 
 def _reduce_dims(x: Tensor) -> List[int]:
@@ -307,6 +308,10 @@ def body(rank: int, world_size: int, args: argparse.Namespace) -> Optional[dict]
             "floor": _layer_variant(FloorBN(channels, EPS, MOMENTUM), x, grad),
             "syncnorm": _layer_variant(syncnorm.SyncBatchNorm(channels, EPS, MOMENTUM), x, grad),
         }
+        if args.compile:
+            torch._dynamo.reset()  # a fresh graph per shape, compiled in the warm-up rounds
+            compiled = torch.compile(syncnorm.SyncBatchNorm(channels, EPS, MOMENTUM), fullgraph=True)
+            variants["compiled"] = _layer_variant(compiled, x, grad)
         if args.compare_sum:
             # The same layer with each backward-sum strategy forced (and the floor likewise).
             for label, switch in (("ar", 0), ("ag", ALWAYS_GATHER)):
@@ -333,6 +338,8 @@ def body(rank: int, world_size: int, args: argparse.Namespace) -> Optional[dict]
             "times": {name: _timing.summary(values) for name, values in samples.items()},
             "syncnorm_over_floor": _ratio(samples, "syncnorm", "floor"),
         }
+        if args.compile:
+            entry["compiled_over_floor"] = _ratio(samples, "compiled", "floor")
         for peer in ("separate", "naive"):
             entry[f"syncnorm_over_{peer}"] = _ratio(samples, "syncnorm", peer)
         if args.compare_sum:
@@ -346,7 +353,9 @@ def body(rank: int, world_size: int, args: argparse.Namespace) -> Optional[dict]
             print(
                 f"  {str(list(shape)):>18} {layout:<13} floor {t['floor']['median_ms']:.3f} ms  "
                 f"syncnorm {t['syncnorm']['median_ms']:.3f} ms  "
-                f"ratio {entry['syncnorm_over_floor']['of_medians']:.3f}",
+                f"ratio {entry['syncnorm_over_floor']['paired']['median']:.3f}"
+                + (f"  compiled {t['compiled']['median_ms']:.3f} ms  ratio "
+                   f"{entry['compiled_over_floor']['paired']['median']:.3f}" if args.compile else ""),
                 flush=True,
             )
     return {"configs": results, "gather_sum_max_world": default_switch}
@@ -380,7 +389,8 @@ def _print_table(report: dict) -> None:
     table = Table(
         title=(
             f"syncnorm per-layer forward+backward, ms (median, p25-p75 below), {report['world_size']} gloo "
-            f"ranks x {report['threads']} thread, {report['iters']} rounds"
+            f"ranks x {report['threads']} thread, {report['iters']} rounds; x/floor: median of the "
+            f"per-round paired ratios (p25-p75 below)"
         ),
         show_lines=True,
     )
@@ -388,18 +398,18 @@ def _print_table(report: dict) -> None:
     table.add_column("layout")
     for name in names:
         table.add_column(name, justify="right")
-        if name == "syncnorm":
-            table.add_column("sync/floor", justify="right")
+        if name in ("syncnorm", "compiled"):
+            table.add_column(f"{name[:4]}/floor", justify="right")
     for entry in configs:
         row = [str(tuple(entry["shape"])), "NHWC" if entry["layout"] == "channels_last" else "NCHW"]
         for name in names:
             t = entry["times"][name]
             row.append(f"{t['median_ms']:.3f}\n[dim]{t['p25_ms']:.2f}-{t['p75_ms']:.2f}[/dim]")
-            if name == "syncnorm":
-                ratio = entry["syncnorm_over_floor"]["of_medians"]
-                color = "green" if ratio <= 1.10 else "red"
-                paired = entry["syncnorm_over_floor"]["paired"]
-                row.append(f"[{color}]{ratio:.3f}[/{color}]\n[dim]{paired['p25']:.2f}-{paired['p75']:.2f}[/dim]")
+            if name in ("syncnorm", "compiled"):
+                # The targets: eager <= 1.10x the floor, compiled <= 1.00x, as medians of paired ratios.
+                paired = entry[f"{name}_over_floor"]["paired"]
+                color = "green" if paired["median"] <= (1.10 if name == "syncnorm" else 1.00) else "red"
+                row.append(f"[{color}]{paired['median']:.3f}[/{color}]\n[dim]{paired['p25']:.2f}-{paired['p75']:.2f}[/dim]")
         table.add_row(*row)
     Console(width=max(36 + 13 * (len(names) + 1), Console().width)).print(table)
 
@@ -442,16 +452,21 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "(to choose GATHER_SUM_MAX_WORLD at a given world size)")
     parser.add_argument("--channels", type=lambda s: [int(v) for v in s.split(",")],
                         default=[6, 16, 64, 120, 256, 512, 2048], help="channel counts for --collectives-only")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave out the torch.compile column")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write to benchmarks/results/ (the committed results) instead of runs/benchmarks/")
     parser.add_argument("--json", default=None,
-                        help=f"where rank 0 writes the results (default {DEFAULT_JSON}, or "
-                             "bench_layer_collectives.json next to it with --collectives-only)")
+                        help="where rank 0 writes the results (default runs/benchmarks/bench_layer.json, "
+                             "bench_layer_collectives.json with --collectives-only)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.quick:
         args.iters, args.warmup = 25, 5
 
     if args.json is None:
-        args.json = DEFAULT_JSON.replace(".json", "_collectives.json") if args.collectives_only else DEFAULT_JSON
+        name = "bench_layer_collectives" if args.collectives_only else "bench_layer"
+        args.json = results_path(name, args.update_results) + ".json"
 
     started = datetime.datetime.now(datetime.timezone.utc)
     result = launch(collectives_body if args.collectives_only else body, args.world_size, args)

@@ -20,11 +20,17 @@ usually back to back, seconds apart), and the ratio of the 10th-percentile step 
 repeats) -- on a shared machine other jobs only ever slow a step down, so the fastest steps are the
 least disturbed estimate of what the code costs.
 
+``--modes eager compiled`` runs every config both ways (``train.compile=true``: the DDP-wrapped model
+under ``torch.compile``; compiling happens in the warm-up epoch); ratios to ``bn`` are taken within
+the same mode, e.g. ``syncbn@compiled`` against ``bn@compiled``.
+
     python benchmarks/bench_train.py             # ~5 minutes on 2 cores
     python benchmarks/bench_train.py --quick     # smoke run, < 1 minute
+    python benchmarks/bench_train.py --datasets synthetic --norms bn syncbn --world-sizes 2 --modes eager compiled
 
-Results: a rich table on stdout, ``benchmarks/results/bench_train.json`` (every run's step times
-summarized) and ``benchmarks/results/bench_train.md`` (the table, for the README).
+Results: a rich table on stdout, ``runs/benchmarks/bench_train.json`` (every run's step times
+summarized) and ``runs/benchmarks/bench_train.md`` (the table); ``--update-results`` writes them to
+``benchmarks/results/`` instead, the committed results the docs quote.
 """
 
 import argparse
@@ -42,12 +48,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _launch import launch, under_torchrun  # noqa: E402
+from _launch import launch, results_path, under_torchrun  # noqa: E402
 from _timing import quantile  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
 CONFIG = os.path.join(ROOT, "configs", "lenet.yaml")
 
 
@@ -70,16 +75,19 @@ class StepTimer:
         self._last = now
 
 
-def run_config(dataset: str, norm: str, args: argparse.Namespace, world_size: int) -> Dict:
-    """One training run through ``syncnorm.train.loop.train``; returns its measurements (every rank)."""
+def run_config(dataset: str, label: str, args: argparse.Namespace, world_size: int) -> Dict:
+    """One training run through ``syncnorm.train.loop.train``; returns its measurements (every rank).
+
+    ``label`` is a ``model.norm`` name, with ``@compiled`` appended for a ``train.compile=true`` run."""
     from syncnorm.train.config import load_config
     from syncnorm.train.loop import train
     from syncnorm.train.ui import Reporter
 
+    norm, _, mode = label.partition("@")
     out_dir = tempfile.mkdtemp(prefix="bench-train-")
     try:
         overrides = [
-            f"model.norm={norm}", f"data.name={dataset}", f"train.batch_size={args.batch}",
+            f"model.norm={norm}", f"train.compile={str(mode == 'compiled').lower()}", f"data.name={dataset}", f"train.batch_size={args.batch}",
             f"train.epochs={args.epochs}", f"train.max_steps={args.steps}", "train.schedule=none",
             "train.keep_checkpoints=1", f"train.seed={args.seed}", f"output_dir={out_dir}",
         ]
@@ -91,7 +99,7 @@ def run_config(dataset: str, norm: str, args: argparse.Namespace, world_size: in
     global_batch = args.batch * world_size
     median = statistics.median(timer.times)
     return {
-        "dataset": dataset, "norm": norm, "world_size": world_size, "per_rank_batch": args.batch,
+        "dataset": dataset, "norm": label, "world_size": world_size, "per_rank_batch": args.batch,
         "steps_timed": len(timer.times),
         "step_ms_median": median * 1e3,
         "step_ms_mean": statistics.fmean(timer.times) * 1e3,
@@ -141,8 +149,8 @@ def summarize(runs: List[Dict], args: argparse.Namespace) -> List[Dict]:
                        "repeats": len(values), "best_step_ms": best["step_ms_median"],
                        "p10_ms": statistics.median(r["step_ms_p10"] for r in mine),
                        "loop_samples_per_s": statistics.median(r["loop_samples_per_s"] for r in mine)}
-                bn = select(dataset, world_size, "bn")
-                if bn and norm != "bn":
+                bn = select(dataset, world_size, "bn" + norm[len(norm.partition("@")[0]):])
+                if bn and norm.partition("@")[0] != "bn":
                     pairs = {r["repeat"]: r["samples_per_s"] for r in bn}
                     ratios = [r["samples_per_s"] / pairs[r["repeat"]] for r in mine if r["repeat"] in pairs]
                     row["vs_bn_best"] = row["best"] / max(r["samples_per_s"] for r in bn)
@@ -167,7 +175,7 @@ def cells(r: Dict) -> List[str]:
         p10 = f"{r['vs_bn_p10']:.2f}"
         paired = f"{r['vs_bn']:.2f} ({r['vs_bn_range'][0]:.2f}..{r['vs_bn_range'][1]:.2f})"
     else:
-        p10 = paired = "1" if r["norm"] == "bn" else ""
+        p10 = paired = "1" if r["norm"].partition("@")[0] == "bn" else ""
     return [r["dataset"], str(r["world_size"]), r["norm"], f"{r['median']:,.0f}", f"{r['best']:,.0f}",
             f"{r['min']:,.0f}", paired, f"{r['p10_ms']:.1f}", p10,
             f"{r['vs_1_rank_p10']:.2f}x" if "vs_1_rank_p10" in r else ""]
@@ -177,7 +185,7 @@ def markdown(rows: List[Dict], args: argparse.Namespace) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|---|---:|---|" + "---:|" * (len(HEADERS) - 3)]
     for r in rows:
         c = cells(r)
-        if r["norm"] == "syncbn" and r["world_size"] > 1:
+        if r["norm"].startswith("syncbn") and r["world_size"] > 1:
             c = [f"**{x}**" if x else x for x in c]
         lines.append("| " + " | ".join(c) + " |")
     return "\n".join(lines) + "\n"
@@ -195,7 +203,7 @@ def print_table(rows: List[Dict], args: argparse.Namespace, header: str) -> None
         if last is not None and (r["dataset"], r["world_size"]) != last:
             table.add_section()
         last = (r["dataset"], r["world_size"])
-        style = "bold" if r["norm"] == "syncbn" and r["world_size"] > 1 else None
+        style = "bold" if r["norm"].startswith("syncbn") and r["world_size"] > 1 else None
         table.add_row(*cells(r), style=style)
     Console(width=max(140, shutil.get_terminal_size((140, 24)).columns)).print(table)
 
@@ -206,6 +214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--norms", nargs="+", default=["none", "bn", "syncbn", "gn"],
                    choices=["none", "bn", "syncbn", "gn", "ln", "in"])
     p.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                   help="eager and/or compiled (train.compile=true) runs of every config (default eager)")
     p.add_argument("--batch", type=int, default=128, help="per-rank batch (default 128)")
     p.add_argument("--steps", type=int, default=15,
                    help="steps per epoch (train.max_steps; mnist5k at 2 ranks x 128 has 15)")
@@ -213,13 +223,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every config (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 2 epochs of 8 steps")
-    p.add_argument("--out", default=os.path.join(RESULTS, "bench_train"),
-                   help="output path without extension: writes .json and .md (default benchmarks/results/bench_train)")
+    p.add_argument("--update-results", action="store_true",
+                   help="write to benchmarks/results/ (the committed results) instead of runs/benchmarks/")
+    p.add_argument("--out", default=None,
+                   help="output path without extension: writes .json and .md (default runs/benchmarks/bench_train)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.epochs, args.steps = 1, 2, 8
     if args.epochs < 2:
         p.error("--epochs: expected at least 2 (the first one is warm-up)")
+    if args.out is None:
+        args.out = results_path("bench_train", args.update_results)
+    args.norms = [n + ("" if mode == "eager" else f"@{mode}") for mode in args.modes for n in args.norms]
 
     if under_torchrun():
         p.error("run this script with plain python (it starts its own ranks, several times); not under torchrun")
@@ -250,11 +265,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     noise = (f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
              f"(the box is shared; >2 means other processes competed for the 2 cores)")
     print(noise)
-    target = [r for r in rows if r["norm"] == "syncbn" and r["world_size"] == 2 and "vs_bn" in r]
+    target = [r for r in rows if r["norm"].startswith("syncbn") and r["world_size"] == 2 and "vs_bn" in r]
     for r in target:
         met = [r["vs_bn_p10"] >= 0.8, r["vs_bn"] >= 0.8]
         verdict = "met" if all(met) else "NOT met" if not any(met) else "inconclusive (the two estimates disagree)"
-        print(f"target (c) syncbn >= 0.8 x bn, 2 ranks, per-rank batch {args.batch}, {r['dataset']}: "
+        print(f"target {r['norm']} >= 0.8 x bn (same mode), 2 ranks, per-rank batch {args.batch}, {r['dataset']}: "
               f"paired median {r['vs_bn']:.2f} (range {r['vs_bn_range'][0]:.2f}..{r['vs_bn_range'][1]:.2f}), "
               f"p10 step times {r['vs_bn_p10']:.2f} -> {verdict}")
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -20,9 +20,9 @@ Fair-shot rules, identical for every norm:
     python benchmarks/small_batch_study.py --quick    # smoke run, ~2 minutes
     python benchmarks/small_batch_study.py --world-size 4   # oversubscribes a 2-core box, slow
 
-Results: a rich table on stdout and, under ``benchmarks/results/``, ``small_batch_study.json`` (every
-run), ``small_batch_study.md`` (mean +- std table, embedded by the README) and
-``small_batch_study.png`` (accuracy vs per-rank batch, one line per norm).
+Results: a rich table on stdout and, under ``runs/benchmarks/`` (``--update-results``: the committed
+``benchmarks/results/``), ``small_batch_study.json`` (every run), ``small_batch_study.md`` (mean +- std
+table) and ``small_batch_study.png`` (accuracy vs per-rank batch, one line per norm).
 """
 
 import argparse
@@ -41,11 +41,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _launch import launch, under_torchrun  # noqa: E402
+from _launch import launch, results_path, under_torchrun  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
 CONFIG = os.path.join(ROOT, "configs", "lenet.yaml")
 REF = "bn-global"  # the reference: bn, 1 process, batch W*b
 LABELS = {"bn": "bn (local, per rank)", "syncbn": "syncbn", "gn": "gn", REF: "bn, 1 process, batch W*b"}
@@ -202,9 +201,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--base-lr", type=float, default=0.1, help="lr at global batch 64 (linear scaling)")
     p.add_argument("--no-reference", action="store_true", help="skip the 1-process bn runs at batch W*b")
     p.add_argument("--quick", action="store_true", help="smoke run: batches 4 32, seeds 0 1, 1 epoch")
-    p.add_argument("--out", default=os.path.join(RESULTS, "small_batch_study"),
-                   help="output path without extension: .json .md .png (default benchmarks/results/small_batch_study)")
+    p.add_argument("--update-results", action="store_true",
+                   help="write to benchmarks/results/ (the committed results) instead of runs/benchmarks/")
+    p.add_argument("--out", default=None,
+                   help="output path without extension: .json .md .png (default runs/benchmarks/small_batch_study)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = results_path("small_batch_study", args.update_results)
     if args.quick:
         args.batches, args.seeds, args.epochs = [4, 32], [0, 1], 1
     if under_torchrun():
