@@ -2,8 +2,10 @@
 
 Each "machine" is a network namespace with its own loopback, one end of the veth pair with an
 address on a private /24 only these namespaces use (nothing outside them is touched or reached), its
-own host name (a UTS namespace per process) that resolves to 127.0.1.1 as on Debian
-(``/etc/netns/<ns>/hosts``, which ``ip netns exec`` bind-mounts over ``/etc/hosts``), and, if asked,
+own host name (a UTS namespace per process) that resolves to 127.0.1.1 on that machine as on Debian,
+while the other machine's name resolves to its veth address as DNS would give it
+(``/etc/netns/<ns>/hosts``, which ``ip netns exec`` bind-mounts over ``/etc/hosts``), a default route
+through the veth (nothing lies beyond it: the other end is the other namespace), and, if asked,
 its own "local disk": a directory bind-mounted over a shared path in a private mount namespace, so the
 two machines see different files at the same path.
 
@@ -143,11 +145,11 @@ class TwoHosts:
         tag = f"{PREFIX}{os.getpid()}x{secrets.token_hex(2)}"
         try:
             for index, letter in enumerate("ab"):
-                namespace = tag + letter
+                namespace, other = tag + letter, "ba"[index]
                 os.makedirs(os.path.join(NETNS_ETC, namespace))
                 with open(os.path.join(NETNS_ETC, namespace, "hosts"), "w") as hosts:
-                    # Debian's layout: the host's own name on 127.0.1.1, nothing about the other machine.
-                    hosts.write(f"127.0.0.1 localhost\n127.0.1.1 host{letter}\n")
+                    # Debian's layout: the host's own name on 127.0.1.1; the other's as DNS would give it.
+                    hosts.write(f"127.0.0.1 localhost\n127.0.1.1 host{letter}\n{SUBNET}.{2 - index} host{other}\n")
                 _ip("netns", "add", namespace)
                 self.hosts.append(Host(namespace, f"host{letter}", f"{SUBNET}.{index + 1}", f"veth{letter}"))
             a, b = self.hosts
@@ -158,6 +160,7 @@ class TwoHosts:
                 _ip("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", host.interface)
                 _ip("-n", host.namespace, "link", "set", "lo", "up")
                 _ip("-n", host.namespace, "link", "set", host.interface, "up")
+                _ip("-n", host.namespace, "route", "add", "default", "dev", host.interface)
         except BaseException:
             self.close()
             raise

@@ -54,10 +54,11 @@ def _recipe(form, host, endpoint, node_rank):
             + (["--rdzv-conf=is_host=1"] if node_rank == 0 else []))
 
 
-def _run_two(two, form, out, extra=()):
-    """Both nodes' torchrun, each with its own disk at ``out/run``; returns [(exit code, node)]."""
-    a = two.hosts[0]
-    nodes = [two.start(host, _train_argv(_recipe(form, host, a.address, k), f"{out}/run", extra),
+def _run_two(two, form, out, extra=(), endpoint=None):
+    """Both nodes' torchrun, each with its own disk at ``out/run``; returns [(exit code, node)].
+    ``endpoint``: how the recipe names node A (default: its address)."""
+    endpoint = endpoint or two.hosts[0].address
+    nodes = [two.start(host, _train_argv(_recipe(form, host, endpoint, k), f"{out}/run", extra),
                        log=f"{out}/node{k}.log", timeout=NODE_TIMEOUT_S, cwd=ROOT, env=_clean_env(),
                        disk=f"{out}/disk{k}", mount_at=f"{out}/run")
              for k, host in enumerate(two.hosts)]
@@ -136,12 +137,17 @@ def test_c10d_recipe_matches_one_host(two_hosts, single_host, tmp_path):
 
 
 def test_resume_without_shared_disk_stops_every_node(two_hosts, static_run):
-    """Node A's disk has epoch 1's checkpoint, node B's has none: every node ends with the one line."""
+    """Node A's disk has epoch 1's checkpoint, node B's has none: every node ends with the one line.
+    Here the recipe names node A by its host name, which is 127.0.1.1 on node A itself."""
     out, first = static_run
     assert [code for code, _ in first] == [0, 0], _report(first)
     started = time.monotonic()
-    results = _run_two(two_hosts, "static", out, ["--resume", "auto", "--set", "train.epochs=2"])
+    results = _run_two(two_hosts, "static", out, ["--resume", "auto", "--set", "train.epochs=2"], endpoint="hosta")
     assert all(code not in (0, -9) for code, _ in results), _report(results)  # torchrun: a worker failed
+    (_, node_a), (_, node_b) = results  # both joined: gloo on the veths
+    assert ("gloo on hosta: interface vetha (the default route's; MASTER_ADDR=hosta is a loopback address here)"
+            in node_a.output()), _report(results)
+    assert "gloo on hostb: interface vethb (10.213.7.2, the address that reaches MASTER_ADDR=hosta)" in node_b.output()
     for _, node in results:
         lines = [line for line in node.output().splitlines() if line.startswith("error: ")]
         assert lines and "--resume needs an output_dir every node can read" in lines[0], _report(results)
@@ -155,7 +161,7 @@ def test_no_interface_towards_master_fails_at_once(two_hosts, tmp_path):
     probe = ("from syncnorm.train import network\n"
              "try:\n    network.apply_gloo_interface('gloo', 2, 1, 0)\n"
              "except network.NetworkError as error:\n    print('NetworkError:', error)\n")
-    env = dict(_clean_env(), MASTER_ADDR="10.213.8.1")  # no route to it inside the namespace
+    env = dict(_clean_env(), MASTER_ADDR="nosuchhost.invalid")  # no address, so no route
     node = two_hosts.start(two_hosts.hosts[1], [sys.executable, "-c", probe], log=f"{tmp_path}/probe.log",
                            timeout=60, cwd=ROOT, env=env)
     assert node.wait() == 0, node.tail()
@@ -188,6 +194,16 @@ def test_interface_of_agrees_with_ip_addr():
         assert network.interface_of(address) == name, (name, address)
 
 
+def test_default_route_interface_agrees_with_ip_route():
+    try:
+        listed = subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True, text=True,
+                                timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("'ip route' is not available to compare with")
+    expected = listed[listed.index("dev") + 1] if "dev" in listed else None
+    assert network.default_route_interface() == expected
+
+
 def test_local_address_towards_loopback():
     assert network.local_address_towards("127.0.0.1") == "127.0.0.1"
     assert network.interface_of(network.local_address_towards("127.0.0.1")) == network.loopback_interface(
@@ -201,8 +217,10 @@ def test_choose_gloo_interface_cases(monkeypatch):
     assert choose("gloo", 2, 1, {"GLOO_SOCKET_IFNAME": "eth7"}).name is None  # the user's setting wins
     assert choose("nccl", 2, 1, {"MASTER_ADDR": "127.0.0.1"}).name is None
     assert choose("gloo", 1, 1, {}).name is None
-    across = choose("gloo", 2, 1, {"MASTER_ADDR": "127.0.0.1"})
+    across = choose("gloo", 2, 1, {"MASTER_ADDR": "127.0.0.1"})  # an address: every node is this machine
     assert across.name == lo and "MASTER_ADDR=127.0.0.1" in across.message
+    if network.default_route_interface() is not None:  # a name, loopback only here: the default route's
+        assert choose("gloo", 2, 1, {"MASTER_ADDR": "localhost"}).name == network.default_route_interface()
 
     def unroutable(host, port=9):
         raise OSError(101, "Network is unreachable")

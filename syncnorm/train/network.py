@@ -8,7 +8,9 @@ picks the interface before the process group is created (gloo reads ``GLOO_SOCKE
 - every rank on this machine: the loopback interface (nothing leaves the machine);
 - ranks on several machines: the interface holding the local address the kernel would use to reach
   ``MASTER_ADDR`` (a UDP socket "connected" to it; no packet is sent), so gloo listens where the
-  store's host, and with it the other machines, can reach it.
+  store's host, and with it the other machines, can reach it. On the store's own node, when
+  ``MASTER_ADDR`` is a host name that resolves to loopback there (``--master-addr=$(hostname)`` on
+  Debian), that address says nothing: the interface of the default route is taken instead.
 
 A ``GLOO_SOCKET_IFNAME`` already set always wins. Pure Python (``socket``, ``fcntl`` ioctl, ``/proc``);
 Linux only for the interface lookup, elsewhere the choice is left to gloo.
@@ -90,6 +92,28 @@ def interface_of(address: str, pairs: Optional[Iterable[Tuple[str, str]]] = None
     return None
 
 
+def default_route_interface(table: str = "/proc/net/route") -> Optional[str]:
+    """The interface of the IPv4 default route (``None`` when there is none or it cannot be read)."""
+    try:
+        with open(table) as rows:
+            next(rows, None)  # header
+            for row in rows:
+                fields = row.split()
+                if len(fields) >= 8 and fields[1] == "00000000" and fields[7] == "00000000":
+                    return fields[0]
+    except OSError:
+        pass
+    return None
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+        return True
+    except ValueError:
+        return False
+
+
 def loopback_interface(pairs: Iterable[Tuple[str, str]]) -> Optional[str]:
     """The interface holding 127.0.0.1 (``lo`` on Linux)."""
     return interface_of("127.0.0.1", pairs)
@@ -131,6 +155,14 @@ def choose_gloo_interface(backend: str, world_size: int, local_world_size: int,
             why = f"no interface holds {local}, the address that routes to it"
     except (OSError, UnicodeError, ValueError) as error:
         why = f"cannot route to it: {error}"
+    if name is not None and is_loopback(local) and not _is_ip_literal(master):
+        # This node hosts the store under a name that is loopback only here; the others reach it elsewhere.
+        name = default_route_interface()
+        if name is not None:
+            return InterfaceChoice(name, f"gloo on {socket.gethostname()}: interface {name} (the default route's; "
+                                         f"MASTER_ADDR={master} is a loopback address here); set "
+                                         f"GLOO_SOCKET_IFNAME to choose another")
+        why = "it is a loopback address here and there is no default route"
     if name is not None:
         return InterfaceChoice(name, f"gloo on {socket.gethostname()}: interface {name} ({local}, the address that "
                                      f"reaches MASTER_ADDR={master}); set GLOO_SOCKET_IFNAME to choose another")
