@@ -1,7 +1,7 @@
 """Train a small CNN with synced BatchNorm under DDP, from a YAML config.
 
     torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml
-    python launch/train.py --config configs/lenet.yaml --set train.epochs=3 --set model.norm=gn
+    python launch/train.py --config configs/lenet.yaml --set output_dir=runs/lenet_1p
     torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml --resume auto
 
 The machinery lives in ``syncnorm.train`` (this file runs ``syncnorm.train.cli.train_main``): user

@@ -26,6 +26,12 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch/train.py",
         description="Train a small CNN with synced BatchNorm under DDP (run it with torchrun, or as one process).",
+        epilog="examples:\n"
+               "  torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml\n"
+               "  python launch/train.py --config configs/lenet.yaml --set output_dir=runs/lenet_1p\n"
+               "  torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml --resume auto\n"
+               "config keys, outputs, logs: docs/launcher.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="YAML config file, e.g. configs/lenet.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -165,7 +165,8 @@ def describe_join_failure(error: BaseException, stage: str, rank: int, world: in
                  f"did not start or stopped before joining; see the other nodes' output")
     else:
         listens = f"interface {interface}" if interface else "the address this host's name resolves to"
-        hint = ("a peer advertised a loopback address (its host name resolves to 127.x): set "
+        hint = ("a peer advertised a loopback address (its host name resolves to 127.x, or its "
+                "GLOO_SOCKET_IFNAME is a loopback interface): set "
                 "GLOO_SOCKET_IFNAME=<the interface that reaches the other nodes> on every node"
                 if re.search(r"remote=\[(127\.|::1\])", text) else
                 f"open {backend}'s ports between the machines (it listens on {listens}) or set "
