@@ -50,7 +50,7 @@ def _recipe(form, host, endpoint, node_rank):
         return ["--nnodes=2", "--nproc_per_node=1", f"--master-addr={endpoint}", f"--master-port={STORE_PORT}",
                 f"--node-rank={node_rank}"]
     return (["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}:{RDZV_PORT}",
-             "--rdzv-id=syncnorm-test", f"--local-addr={host.address}"]
+             "--rdzv-id=job1", f"--local-addr={host.address}"]
             + (["--rdzv-conf=is_host=1"] if node_rank == 0 else []))
 
 
@@ -266,3 +266,61 @@ def test_join_failure_lines():
     assert "not all 2 ranks joined" in missing
     for line in (refused, slow, store, missing):
         assert "\n" not in line and line.startswith("rank ")
+
+
+# ---------------------------------------------------------------- one agreed resume, in processes on this machine
+
+
+def _resume_cases(rank, world_size, cases):
+    """Each case as this rank sees it: ('ok', (path, epoch) or None, warnings) or (error class, message).
+    A case is (--resume, the directory each rank works in): output_dir is the relative path ``run``, so
+    ranks in different directories see different disks at the same path, as on two machines."""
+    from types import SimpleNamespace
+
+    from syncnorm.train import checkpoint as ckpt
+    info = SimpleNamespace(rank=rank, world_size=world_size)
+    outcomes = []
+    for resume, cwd_by_rank in cases:
+        os.chdir(cwd_by_rank[rank])
+        warnings = []
+        try:
+            found = ckpt.agree_on_resume(resume, "run", info, warnings.append)
+            outcomes.append(("ok", found and (found[0], int(found[1]["epoch"])), warnings))
+        except ckpt.CheckpointError as error:
+            outcomes.append((type(error).__name__, str(error)))
+    return outcomes
+
+
+def test_agreed_resume_on_two_ranks(tmp_path):
+    """Rank 0 chooses; a rank that cannot read that same file stops every rank; never a mix of epochs."""
+    from syncnorm.testing import run_ranks
+    from syncnorm.train import checkpoint as ckpt
+    payload = {"model": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "config": {}, "metrics": [],
+               "world_size": 3}
+    disks = {name: tmp_path / name for name in ("shared", "a", "b", "c", "empty")}
+    for disk in disks.values():
+        (disk / "run").mkdir(parents=True)
+    for epoch in (1, 2):
+        ckpt.save_checkpoint(str(disks["shared"] / "run"), epoch, payload, keep=3)
+    ckpt.save_checkpoint(str(disks["a"] / "run"), 1, payload, keep=3)
+    ckpt.atomic_save(dict(payload, format=ckpt.FORMAT, epoch=5), str(disks["c"] / "run" / "ckpt_epoch1.pt"))
+    on = lambda first, second: (str(disks[first]), str(disks[second]))  # noqa: E731
+    cases = [("auto", on("shared", "shared")),  # one disk for all: epoch 2 everywhere
+             ("auto", on("a", "b")),            # rank 1's disk lacks rank 0's choice
+             ("auto", on("a", "c")),            # rank 1's disk has another epoch under that name
+             ("auto", on("empty", "shared")),   # rank 0 finds nothing: every rank starts at epoch 1
+             ("nope.pt", on("shared", "shared"))]  # rank 0's error stops every rank
+    by_rank = run_ranks(_resume_cases, 2, cases, timeout=90)
+    agreed, missing_there, other_epoch, none, bad_path = zip(*by_rank)  # per case: (rank 0's, rank 1's)
+    assert agreed[0][:2] == agreed[1][:2] == ("ok", ("run/ckpt_epoch2.pt", 2))
+    assert agreed[0][2] == ["run/ckpt_epoch2.pt was saved by 3 ranks, this run has 2: the global batch and the data "
+                            "each rank sees change, so the results will differ from an uninterrupted run"]
+    for outcome, reason in [(missing_there, "checkpoint not found: run/ckpt_epoch1.pt"),
+                            (other_epoch, "the file there holds epoch 5")]:
+        assert outcome[0] == outcome[1], outcome
+        assert outcome[0] == ("SharedStorageError", f"--resume auto: rank 0 chose run/ckpt_epoch1.pt (epoch 1), but "
+                                                    f"rank 1 cannot read that same file ({reason}): --resume needs an "
+                                                    f"output_dir every node can read (shared storage, the same path "
+                                                    f"on every node)")
+    assert none[0][:2] == none[1][:2] == ("ok", None)
+    assert bad_path[0] == bad_path[1] == ("CheckpointError", "checkpoint not found: nope.pt")

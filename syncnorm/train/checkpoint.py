@@ -246,7 +246,7 @@ def _load_same(path: str, epoch: int):
     except CheckpointError as error:
         return str(error)
     if int(state["epoch"]) != epoch:
-        return f"this rank finds epoch {int(state['epoch'])} there"
+        return f"the file there holds epoch {int(state['epoch'])}"
     return path, state
 
 
