@@ -188,6 +188,14 @@ def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def expected_rank() -> tuple:
+    """(rank, world size) before :func:`setup_distributed`: the existing group's, else torchrun's
+    environment's (0, 1 for one plain process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1)
+
+
 def one_process() -> DistInfo:
     """The :class:`DistInfo` of a plain one-process CPU run (no process group)."""
     return DistInfo(0, 1, 0, 1, "", torch.device("cpu"), False)

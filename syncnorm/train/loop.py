@@ -35,8 +35,8 @@ from syncnorm.train import failures, rundir
 from syncnorm.train.build import DTYPES, compile_model, load_data, make_model, make_optimizer, make_scheduler
 from syncnorm.train.config import Config, to_dict
 from syncnorm.train.data import make_loaders
-from syncnorm.train.distributed import (DistInfo, broadcast_buffers, seed_everything, setup_distributed, threads_text,
-                                        wrap_ddp)
+from syncnorm.train.distributed import (DistInfo, broadcast_buffers, expected_rank, seed_everything, setup_distributed,
+                                        threads_text, wrap_ddp)
 from syncnorm.train.epoch import LoopState, evaluate, notify, train_one_epoch, training_step
 from syncnorm.train.errors import (CollectiveError, ConfigError, Interrupted, NonFiniteLossError, TrainingError,
                                    UnsupportedOperationError)
@@ -91,11 +91,14 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
     Ctrl-C is raised as :class:`Interrupted`."""
     run_start = time.perf_counter()
     tag = failures.next_run_tag()
-    info = setup_distributed(cfg)
+    rank, world_size = expected_rank()
     state = LoopState(run_dir=cfg.output_dir, phase="start-up")
-    reporter = _open_log(reporter or Reporter(enabled=info.rank == 0), cfg, info)
+    reporter = _open_log(reporter or Reporter(enabled=rank == 0), cfg, rank, world_size)
+    info = None
     try:
         try:
+            state.phase = "joining the process group"
+            info = setup_distributed(cfg)
             run = set_up(cfg, info, reporter, state)
             if resume:
                 restore(run, resume)
@@ -109,7 +112,7 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
         except Exception as error:
             if _during_interrupt(error):
                 raise KeyboardInterrupt from error
-            diagnosed = _diagnose(error, cfg, info, state, tag)
+            diagnosed = _diagnose(error, cfg, info, state, tag) if info is not None else error
             if diagnosed is error:
                 raise
             raise diagnosed from error
@@ -124,17 +127,17 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
         raise
     finally:
         reporter.close_log()
-        if info.owns_group and dist.is_initialized():
+        if info is not None and info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _open_log(reporter: Reporter, cfg: Config, info: DistInfo) -> Reporter:
+def _open_log(reporter: Reporter, cfg: Config, rank: int, world_size: int) -> Reporter:
     """``reporter`` that also writes this rank's log (``reporter`` as is, with a warning, if it cannot)."""
-    path = rundir.log_path(cfg.output_dir, info.rank)
+    path = rundir.log_path(cfg.output_dir, rank)
     try:
-        return reporter.with_log(path, f"rank {info.rank} of {info.world_size}, pid {os.getpid()}, {sys.executable}")
+        return reporter.with_log(path, f"rank {rank} of {world_size}, pid {os.getpid()}, {sys.executable}")
     except OSError as error:
-        print(f"warning: rank {info.rank}: cannot write its log {path} ({error.strerror}); going on without it",
+        print(f"warning: rank {rank}: cannot write its log {path} ({error.strerror}); going on without it",
               file=sys.stderr, flush=True)
         return reporter
 
