@@ -164,8 +164,11 @@ def test_thread_default_leaves_one_core_to_a_single_process(monkeypatch):
         assert distributed.default_threads(local) == expected, (cores, local)
     monkeypatch.setattr(distributed, "usable_cores", lambda: 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert torch.get_num_threads() == 1  # tests/conftest.py
     assert distributed.threads_text(0) == "default: cores - 1, 2 cores; set dist.threads"
     assert distributed.threads_text(3) == "dist.threads"
+    monkeypatch.setattr(distributed, "usable_cores", lambda: 8)
+    assert distributed.threads_text(0) == "set before the run, not by the launcher"
 
 
 # --------------------------------------------------------------------------- train.compile

@@ -164,6 +164,8 @@ def threads_text(configured: int) -> str:
     if configured:
         return "dist.threads"
     local = env_int("LOCAL_WORLD_SIZE", 1)
+    if torch.get_num_threads() != default_threads(local):
+        return "set before the run, not by the launcher"
     rule = "cores - 1" if local <= 1 else f"cores / {local} local ranks"
     return f"default: {rule}, {usable_cores()} cores; set dist.threads"
 
