@@ -198,7 +198,11 @@ def test_a_rank_that_raises_before_a_collective_makes_the_others_fail_fast_namin
     assert rank0["error"] == "CollectiveError", rank0
     message = rank0["message"]
     assert message.startswith("rank 0: a collective failed during training step at epoch 1, step 2: rank 1 ")
-    assert "crashed, was killed, or is stuck" in message and "see its log" in message
+    assert "crashed, was killed, or is stuck" in message
+    rank1_log = tmp_path / "run" / "logs" / "rank1.log"
+    assert f"see its log {rank1_log} [" in message  # the log it names exists and says what happened there
+    assert "error: ValueError: injected data bug (traceback on stderr)" in rank1_log.read_text()
+    assert f"error: {message}" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
     # The deadline it must not hang past: the timeout, 2 s waiting for the other ranks' reports, slack.
     assert rank0["seconds_after_last_step"] < timeout_s + 2 + 10
 
@@ -385,7 +389,9 @@ def test_a_stopped_worker_under_torchrun_makes_rank_0_fail_within_the_timeout(tm
     lines = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, text
     assert lines[0].startswith("error: rank 0: a collective failed during training step at epoch 2, step "), text
-    assert expected in lines[0] and "see its log" in lines[0], text
+    assert expected in lines[0] and f"see its log {out / 'logs' / 'rank1.log'} [" in lines[0], text
+    assert lines[0].endswith(f"(log: {out / 'logs' / 'rank0.log'})"), text
+    assert "model lenet" in (out / "logs" / "rank1.log").read_text()  # the stopped rank's start-up lines
     assert "Traceback" not in text, text  # torchrun's own report comes only after the 30 s it gives workers
     assert [e for e, _ in ckpt.list_checkpoints(str(out))] == [1]  # the last good checkpoint is kept
 
