@@ -64,6 +64,6 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """``train.compile``: ``torch.compile`` with its default settings (after DDP wrapping); the first
+    """``train.compile``: ``torch.compile`` with its default settings (before DDP wrapping); the first
     step compiles."""
     return torch.compile(model)

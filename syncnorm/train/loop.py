@@ -218,9 +218,13 @@ def start(run: Run) -> None:
     """Phase 3: DDP, the run dir (rank 0), the start-up lines."""
     cfg, info, reporter = run.cfg, run.info, run.reporter
     run.state.phase = "model set-up (DDP)"
-    run.model = wrap_ddp(run.model_without_ddp, info)
+    model = run.model_without_ddp
     if cfg.train.compile:
-        run.model = compile_model(run.model)
+        # Compile the model, then wrap it: the model becomes one graph (no break), and DDP's own
+        # bookkeeping stays eager (compiling DDP itself breaks the graph there and leaves every
+        # torch layer outside the graph).
+        model = compile_model(model)
+    run.model = wrap_ddp(model, info)
     if info.rank == 0:
         rundir.prepare(cfg.output_dir, to_dict(cfg), run.metrics, run.resumed_from is None, reporter.warn)
     synced = has_sync_batchnorm(run.model_without_ddp) and info.world_size > 1
