@@ -63,7 +63,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run_training(argv)
     except ConfigError as error:
-        if rank_zero():  # every rank fails alike: say it once
+        # Every rank fails alike: said once, or once per node when it concerns each node
+        # (NetworkError, SharedStorageError set every_node).
+        if rank_zero() or (getattr(error, "every_node", False) and os.environ.get("LOCAL_RANK", "0") == "0"):
             error_line(str(error))
         return 2
     except CollectiveError as error:  # each surviving rank has its own view (rank 0 may be the lost one)
