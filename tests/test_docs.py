@@ -175,7 +175,8 @@ def test_numbers_match_the_committed_results():
 
 
 LAYER_COLUMNS = {"local BN": "local", "floor": "floor", "syncnorm": "syncnorm", "separate": "separate",
-                 "naive": "naive", "ag(1+2C)": "ag(1+2C)", "ar(2C)": "ar(2C)", "ag+sum(2C)": "ag+sum(2C)"}
+                 "naive": "naive", "ag(1+2C)": "ag(1+2C)", "ar(2C)": "ar(2C)", "ag+sum(2C)": "ag+sum(2C)",
+                 "compiled": "compiled"}
 
 
 def _layer_rows(result):
@@ -186,8 +187,10 @@ def _layer_rows(result):
                {"contiguous": "NCHW", "channels_last": "NHWC"}[config["layout"]])
         cells = {column: f"{config['times'][name]['median_ms']:.2f}"
                  for column, name in LAYER_COLUMNS.items() if name in config["times"]}
-        ratio = config["syncnorm_over_floor"]
-        cells["syncnorm / floor"] = f"{ratio['of_medians']:.2f} ({ratio['paired']['median']:.2f})"
+        for name in ("syncnorm", "compiled"):
+            if f"{name}_over_floor" in config:
+                ratio = config[f"{name}_over_floor"]
+                cells[f"{name} / floor"] = f"{ratio['of_medians']:.2f} ({ratio['paired']['median']:.2f})"
         rows[key] = cells
     return rows
 
