@@ -75,13 +75,13 @@ _UNDESTROYED_GROUPS = []
 def _destroy_process_group():
     """``dist.destroy_process_group()`` that cannot deadlock on torch releases without ``ProcessGroup.shutdown``.
 
-    Those releases (2.5 and older) stop a gloo group in its destructor, which joins gloo's worker threads
-    while holding the GIL; a worker that is just dropping a finished collective whose tensor Python has
-    already let go needs the GIL to free it, so both wait forever (measured on 2.4.1 and 2.5.1: 6 of 20
-    and 12 of 30 two-rank runs of three plain collectives hung in the destroy; a 50 ms pause before it
-    still left 1 of 30). Keeping a reference to every group means the destructor never runs: the rank
-    leaves through ``os._exit``, as every multiprocessing child does. Newer torch shuts the group down
-    first, with the GIL released, and needs none of this.
+    Those releases (2.6.0 and older were measured) stop a gloo group in its destructor, which joins gloo's
+    worker threads while holding the GIL; a worker that is just dropping a finished collective whose
+    tensor Python has already let go needs the GIL to free it, so both wait forever (two-rank runs of
+    three plain collectives hung in the destroy in 6 of 20 on 2.4.1, 12 of 30 on 2.5.1, 2 of 20 on 2.6.0;
+    a 50 ms pause before it still left 1 of 30). Keeping a reference to every group means the destructor
+    never runs: the rank leaves through ``os._exit``, as every multiprocessing child does. Newer torch
+    shuts the group down first, with the GIL released, and needs none of this.
     """
     import torch.distributed as dist
 
