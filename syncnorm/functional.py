@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from syncnorm import comm, stats
-from syncnorm._compat import is_compiling
+from syncnorm._compat import check_compile_supported, is_compiling
 
 
 def host_reads_allowed(input: Tensor) -> bool:
@@ -215,6 +215,8 @@ def sync_batch_norm(
         weight, bias, running_mean, running_var
     )
     synced = training and comm.world_size(process_group) > 1
+    if synced and is_compiling():
+        check_compile_supported()
     problem = input_error(input, expected)
     if problem is not None:
         if synced and expected is not None:

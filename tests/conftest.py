@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from syncnorm._compat import COMPILE_MIN_TORCH, TORCH_VERSION
+
 # The library's own tests: what `.ci/run` also runs on the oldest torch that pyproject.toml admits
 # (docs/compatibility.md). The launcher's and the integrations' tests need the `dev` extras on a
 # current torch and are not among them.
@@ -11,16 +13,6 @@ CORE_TEST_FILES = {
     "test_compile.py", "test_gpu.py",
 }
 
-# The torch.compile path (functional collectives traced by dynamo) fails on torch 2.2.2, 2.4.1 and
-# 2.5.1 (dynamo cannot trace it), and on 2.6.0 the on-device cross-rank checks do not raise; every
-# test of tests/test_compile.py passes on 2.9.1 and 2.14.1 (2.7 and 2.8 untried; docs/compatibility.md).
-# The eager path passes on all of them.
-COMPILE_MIN_TORCH = (2, 9)
-
-
-def _torch_version():
-    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: the library's tests, run on the oldest supported torch too")
@@ -28,7 +20,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    old_compile = _torch_version() < COMPILE_MIN_TORCH
+    old_compile = TORCH_VERSION < COMPILE_MIN_TORCH
     for item in items:
         name = os.path.basename(str(item.fspath))
         if name in CORE_TEST_FILES:

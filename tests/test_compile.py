@@ -231,3 +231,26 @@ def test_compiled_cross_rank_checks_raise_on_every_rank():
     for scenario, expected in EXPECTED.items():
         for rank, messages in enumerate(results):
             assert expected[rank] in messages[scenario], f"{scenario}, rank {rank}: {messages[scenario]!r}"
+
+
+def _compiled_on_old_torch(rank, world_size, fullgraph):
+    import syncnorm._compat as compat
+
+    compat.TORCH_VERSION = (2, 6)  # as if this were a torch whose compile drops the on-device checks
+    _fresh_compile_state()
+    layer = syncnorm.SyncBatchNorm(3)
+    x = torch.randn(4 + rank, 3, generator=torch.Generator().manual_seed(rank))
+    try:
+        y = torch.compile(layer, fullgraph=fullgraph)(x)
+    except Exception as error:  # fullgraph: dynamo's Unsupported carries the message
+        return f"{type(error).__name__}: {error}"
+    # Without fullgraph the layer falls back to eager at the graph break: the eager result.
+    expected = syncnorm.SyncBatchNorm(3)(x)
+    return (y - expected).abs().max().item()
+
+
+def test_compiling_on_a_torch_too_old_for_it_runs_eagerly_or_fails_clearly():
+    for rank, error in enumerate(run_ranks(_compiled_on_old_torch, 2, False, timeout=TIMEOUT)):
+        assert error <= 1e-6, (rank, error)
+    for rank, message in enumerate(run_ranks(_compiled_on_old_torch, 2, True, timeout=TIMEOUT)):
+        assert "syncnorm under torch.compile needs torch >= 2.9 (this is" in message, (rank, message)
