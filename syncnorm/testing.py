@@ -33,6 +33,8 @@ from datetime import timedelta
 
 import torch
 
+from syncnorm._compat import destroy_process_group
+
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "syncnorm"])
 
@@ -60,34 +62,12 @@ def _child(rank, world_size, store_path, pg_timeout, backend, threads, fn, args,
         try:
             value = fn(rank, world_size, *args)
         finally:
-            _destroy_process_group()
+            destroy_process_group()
         buffer = io.BytesIO()
         torch.save(value, buffer)  # by value: a shared-memory tensor could die with this process
         results.put((rank, True, buffer.getvalue()))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
-
-
-# Process groups whose C++ destructor must not run in this process (see _destroy_process_group).
-_UNDESTROYED_GROUPS = []
-
-
-def _destroy_process_group():
-    """``dist.destroy_process_group()`` that cannot deadlock on torch releases without ``ProcessGroup.shutdown``.
-
-    Those releases (2.6.0 and older were measured) stop a gloo group in its destructor, which joins gloo's
-    worker threads while holding the GIL; a worker that is just dropping a finished collective whose
-    tensor Python has already let go needs the GIL to free it, so both wait forever (two-rank runs of
-    three plain collectives hung in the destroy in 6 of 20 on 2.4.1, 12 of 30 on 2.5.1, 2 of 20 on 2.6.0;
-    a 50 ms pause before it still left 1 of 30). Keeping a reference to every group means the destructor
-    never runs: the rank leaves through ``os._exit``, as every multiprocessing child does. Newer torch
-    shuts the group down first, with the GIL released, and needs none of this.
-    """
-    import torch.distributed as dist
-
-    if not hasattr(dist.ProcessGroup, "shutdown"):
-        _UNDESTROYED_GROUPS.extend(dist.distributed_c10d._world.pg_map)
-    dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size, *args, timeout=120.0, pg_timeout=30.0, grace=10.0, backend="gloo", threads=1):

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from syncnorm._compat import destroy_process_group
 from syncnorm.train import checkpoint as ckpt
 from syncnorm.train import failures, rundir
 from syncnorm.train.build import DTYPES, compile_model, load_data, make_model, make_optimizer, make_scheduler
@@ -128,7 +129,7 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
     finally:
         reporter.close_log()
         if info is not None and info.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            destroy_process_group()  # without the gloo teardown deadlock of torch <= 2.6
 
 
 def _open_log(reporter: Reporter, cfg: Config, rank: int, world_size: int) -> Reporter:
