@@ -208,11 +208,26 @@ def _wait_for(path, proc, seconds=120):
         time.sleep(0.02)
 
 
+def _sigint_default():
+    """In a child before exec: SIGINT back to its default, so that Python installs its Ctrl-C handler even
+    when this test run was started with SIGINT ignored (a background job of a non-interactive shell)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """This process's SIGINT handler as Python sets it up when SIGINT is not ignored; restored after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_ctrl_c_in_one_process_is_one_line_and_exit_130(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, LAUNCHER, "--config", LENET, *TINY, "--set", "train.epochs=100000",
                "--set", f"output_dir={out}"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+                            preexec_fn=_sigint_default)
     try:
         _wait_for(out / "ckpt_epoch1.pt", proc)
         proc.send_signal(signal.SIGINT)
@@ -253,7 +268,7 @@ def test_ctrl_c_under_torchrun_is_one_line_from_rank_0_and_every_rank_logs_it(tm
         assert "error: interrupted at epoch " in log and "collective" not in log, log
 
 
-def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_the_write(tmp_path):
+def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_the_write(tmp_path, python_sigint_handler):
     """SIGINT inside the block is held until the block is done (the checkpoint is whole), then raised; an
     error raised while handling a Ctrl-C (torch.save cut short) still counts as the interrupt."""
     from syncnorm.train.loop import _during_interrupt, _interrupts_deferred
