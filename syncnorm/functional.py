@@ -132,12 +132,17 @@ def _assert_counts_on_device(counts: Tensor, total: Tensor) -> None:
     On CPU (compiled) they raise ``RuntimeError`` with the message when the step runs; on CUDA they
     are device-side asserts that surface at the next synchronizing call.
     """
-    torch._assert_async(
-        (counts != stats.INVALID_COUNT).all(),
+    _assert_no_invalid_rank(
+        counts,
         "SyncBatchNorm got an invalid input on another rank (see the error on that rank); "
         "all ranks stop here instead of waiting for it",
     )
     torch._assert_async(total != 1, _one_value_message("got "))
+
+
+def _assert_no_invalid_rank(counts: Tensor, message: str) -> None:
+    """On-device assert that no rank put the invalid-input marker in its count slot."""
+    torch._assert_async((counts != stats.INVALID_COUNT).all(), message)
 
 
 def _raise_if_any_rank_invalid(counts: List[float], process_group: comm.ProcessGroup) -> None:
@@ -226,7 +231,7 @@ def sync_batch_norm(
                 # A raise would stop the trace before the marker is sent, leaving the other ranks to
                 # time out; an assert that fails when the graph runs sends it first (the gathered
                 # counts include this rank's marker, so it always fails).
-                torch._assert_async((gathered.select(1, 0) != stats.INVALID_COUNT).all(), f"SyncBatchNorm {problem}")
+                _assert_no_invalid_rank(gathered.select(1, 0), f"SyncBatchNorm {problem}")
                 return input
         raise ValueError(f"SyncBatchNorm {problem}")
     if not synced:
