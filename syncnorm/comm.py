@@ -27,6 +27,13 @@ from syncnorm._compat import is_compiling
 
 ProcessGroup = Optional["dist.ProcessGroup"]
 
+# Bound at import (torch.distributed has imported it already): resolve_group then costs one isinstance,
+# also inside a compiled function. None where torch is built without distributed support.
+try:
+    from torch.distributed.device_mesh import DeviceMesh as _DeviceMesh
+except ImportError:  # pragma: no cover - torch built without torch.distributed
+    _DeviceMesh = None
+
 # torch 2.14 renamed all_gather_into_tensor (older releases only have the old name).
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -43,6 +50,22 @@ GATHER_SUM_MAX_WORLD = 4
 def is_distributed() -> bool:
     """True when ``torch.distributed`` is built in and a default process group exists."""
     return dist.is_available() and dist.is_initialized()
+
+
+def resolve_group(group):
+    """The process group behind ``group``: a ``ProcessGroup`` or None as is; a 1-D ``DeviceMesh`` (or one
+    named dimension of a larger mesh, ``mesh["dp"]``) its group. Raises for a mesh with more than one
+    dimension, whose layers would not know which dimension to sync over."""
+    if _DeviceMesh is None or not isinstance(group, _DeviceMesh):
+        return group
+    if group.ndim != 1:
+        names = group.mesh_dim_names or ()
+        pick = f'mesh["{names[0]}"]' if names else "a 1-D mesh"
+        raise ValueError(
+            f"expected a process group, a 1-D DeviceMesh or one dimension of a mesh (got a {group.ndim}-D "
+            f"DeviceMesh with dimensions {names or 'unnamed'}); pass the data-parallel dimension, e.g. {pick}"
+        )
+    return group.get_group()
 
 
 def world_size(group: ProcessGroup = None) -> int:

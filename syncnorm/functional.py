@@ -219,6 +219,7 @@ def sync_batch_norm(
     expected = num_features if num_features is not None else _expected_channels(
         weight, bias, running_mean, running_var
     )
+    process_group = comm.resolve_group(process_group)  # a DeviceMesh (dimension) -> its group
     synced = training and comm.world_size(process_group) > 1
     if synced and is_compiling():
         check_compile_supported()

@@ -79,7 +79,7 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
-        self.process_group = process_group
+        self.process_group = comm.resolve_group(process_group)  # a DeviceMesh (dimension) -> its group
         # Whether the one-time num_features check across ranks has run (see comm.verify_num_features).
         self._num_features_verified = False
 
