@@ -4,6 +4,7 @@ from syncnorm import functional
 from syncnorm.convert import convert_sync_batchnorm, revert_sync_batchnorm
 from syncnorm.functional import SyncBatchNormFunction, sync_batch_norm
 from syncnorm.module import SyncBatchNorm
+from syncnorm.precise import update_bn_stats
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,5 @@ __all__ = [
     "functional",
     "revert_sync_batchnorm",
     "sync_batch_norm",
+    "update_bn_stats",
 ]

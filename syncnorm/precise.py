@@ -1,0 +1,273 @@
+"""``update_bn_stats``: exact BatchNorm statistics over every rank's batches ("precise BN").
+
+Running statistics are moving averages taken while the weights still change; after training (or
+before an evaluation) they can be recomputed with the final weights. This pass does it exactly across
+ranks: each BatchNorm layer accumulates the count, mean and variance of everything that enters it,
+per channel and in float64 (``stats.combine_stats``, Chan's pairwise form), and at the end one packed
+``all_gather`` (``comm.py``) carries every layer's local statistics to every rank, where the same
+combination in the same order gives every rank the same bits.
+
+Collectives: one ``all_gather`` of the packet length and one of the packet (``1 + 2C`` float64 per
+layer) at the end; when the model communicates in its forward (synced layers, FSDP), also one
+``all_gather`` of ``3 + 8`` float64 per forward of the default group, which says which ranks still
+have a batch and the input shape a rank that ran out copies for its stand-in forward.
+"""
+
+import sys
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from syncnorm import comm, stats
+from syncnorm.module import SyncBatchNorm
+
+__all__ = ["update_bn_stats"]
+
+# Input dtypes the stand-in forward can rebuild from the per-forward exchange (their index travels).
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8, torch.bool)
+_MAX_DIMS = 8  # input dimensions the exchange carries
+
+
+class _LayerStats:
+    """Count, mean and biased variance (float64, per channel) of every value that entered one layer."""
+
+    def __init__(self, layer: _BatchNorm) -> None:
+        channels = layer.num_features
+        device = layer.running_mean.device
+        self.count = 0
+        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.var = torch.zeros(channels, dtype=torch.float64, device=device)
+
+    def add(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        """Forward pre-hook: fold this call's input into the totals (Chan's pairwise combination)."""
+        input = args[0]
+        if not isinstance(input, Tensor) or input.dim() < 2 or input.numel() == 0:
+            return  # the layer's own forward reports a bad input; an empty one adds nothing
+        count, mean, var = stats.local_stats(input.detach().to(torch.float64))
+        if self.count == 0:
+            self.count, self.mean, self.var = count, mean, var
+            return
+        counts = torch.tensor([self.count, count], dtype=torch.float64, device=mean.device)
+        self.mean, self.var = stats.combine_stats(
+            counts, torch.stack([self.mean, mean]), torch.stack([self.var, var])
+        )
+        self.count += count
+
+    def packet(self) -> Tensor:
+        return stats.pack_stats(float(self.count), self.mean, self.var)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper: DDP's forward would broadcast buffers (a collective per forward
+    that a rank without a batch could not join), and the pass needs none of DDP's gradient machinery."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _communicates_in_forward(model: nn.Module) -> bool:
+    """Whether a training-mode forward of ``model`` runs collectives (synced layers, FSDP all-gathers),
+    so that every rank must run the same number of forwards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        FSDPModule = ()
+    for module in model.modules():
+        if FSDPModule and isinstance(module, FSDPModule):
+            return True
+        if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)) and comm.world_size(module.process_group) > 1:
+            return True
+    return False
+
+
+def _first_input(batch: Any) -> Any:
+    """The model input of a batch: ``batch`` itself, or its first element for a list or tuple."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _describe(input: Optional[Tensor], device: torch.device) -> Tensor:
+    """``[has a batch, dtype index, ndim, shape...]`` for the per-forward exchange."""
+    packet = torch.zeros(3 + _MAX_DIMS, dtype=torch.float64, device=device)
+    if input is None:
+        return packet
+    if not isinstance(input, Tensor) or input.dtype not in _DTYPES or input.dim() > _MAX_DIMS:
+        raise TypeError(
+            f"update_bn_stats expected batches whose input is a tensor of at most {_MAX_DIMS} dimensions "
+            f"(got {type(input).__name__}"
+            f"{f' of shape {list(input.shape)}, {input.dtype}' if isinstance(input, Tensor) else ''}): "
+            "a rank that runs out of batches copies the input's shape for its stand-in forward"
+        )
+    packet[:3] = torch.tensor([1.0, _DTYPES.index(input.dtype), input.dim()], dtype=torch.float64)
+    packet[3 : 3 + input.dim()] = torch.tensor(list(input.shape), dtype=torch.float64)
+    return packet
+
+
+def _stand_in_input(gathered: Tensor, device: torch.device) -> Tensor:
+    """An empty batch shaped like the input of the first rank that still has one: its forward joins
+    every collective of the model and adds nothing to any statistic (count 0)."""
+    row = next(row for row in gathered.tolist() if row[0])
+    ndim = int(row[2])
+    shape = [0] + [int(size) for size in row[4 : 3 + ndim]]
+    return torch.empty(shape, dtype=_DTYPES[int(row[1])], device=device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _progress_printer(total: Optional[int]) -> Callable[[int, Optional[int]], None]:
+    """``progress=True``: a line on stderr every tenth of the pass (every 100 batches when its length
+    is unknown), on global rank 0 only."""
+    rank = torch.distributed.get_rank() if comm.is_distributed() else 0
+    step = max(1, total // 10) if total else 100
+
+    def report(done: int, total: Optional[int]) -> None:
+        if rank == 0 and (done % step == 0 or done == total):
+            of = f"/{total}" if total else ""
+            print(f"update_bn_stats: {done}{of} batches", file=sys.stderr, flush=True)
+
+    return report
+
+
+def update_bn_stats(
+    model: nn.Module,
+    batches: Iterable,
+    num_batches: Optional[int] = None,
+    process_group: comm.ProcessGroup = None,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: Union[bool, Callable[[int, Optional[int]], None], None] = None,
+) -> None:
+    r"""Recompute every BatchNorm layer's running statistics exactly, over all ranks' batches.
+
+    One pass of ``model`` in training mode (without gradients) over this rank's ``batches``; afterwards
+    each BatchNorm layer with running statistics (``BatchNorm1d/2d/3d``, :class:`syncnorm.SyncBatchNorm`,
+    ``torch.nn.SyncBatchNorm``) holds in ``running_mean`` and ``running_var`` the mean and the unbiased
+    variance, per channel, of *every value that entered it during the pass on every rank of*
+    ``process_group``, pooled exactly (float64, count-weighted), the same bits on every rank:
+
+    .. math::
+
+        \mathrm{running\_mean} = \frac{1}{n}\sum_{r,b} \sum_i x_i, \qquad
+        \mathrm{running\_var} = \frac{1}{n - 1}\sum_{r,b}\sum_i (x_i - \mathrm{running\_mean})^2
+
+    over ranks ``r`` and their batches ``b``, ``n`` values per channel in all. During the pass each layer
+    normalizes as in training: a plain layer with its rank's batch, a synced layer with the global batch.
+    Nothing else changes: parameters, ``train``/``eval`` mode, ``momentum``, ``eps`` and
+    ``num_batches_tracked`` are as before the call (the pass is not a training step); a layer that saw
+    no value on any rank keeps its statistics. Memory: ``O(channels)`` per layer.
+
+    Ranks may have different numbers and sizes of batches. When the model communicates in its forward
+    (synced layers, FSDP), a rank that has run out runs the model on an empty batch of the same shape
+    until every rank is done, so that it joins every collective and adds nothing (the model must accept
+    a batch of 0 samples; most do). All ranks must call this, with the same model.
+
+    Args:
+        model: the model, plain or wrapped in ``DistributedDataParallel`` (its ``module`` runs, without
+            DDP's per-forward buffer broadcast) or sharded with ``fully_shard``.
+        batches: iterable of inputs, or of ``(input, ...)`` tuples/lists whose first element is the
+            input (a ``DataLoader`` of ``(images, labels)``), as ``torch.optim.swa_utils.update_bn``.
+        num_batches: use at most this many batches of ``batches`` on this rank; None: all of them.
+        process_group: ranks whose values are pooled (a group or a 1-D ``DeviceMesh``/mesh dimension);
+            None: all ranks. With data replicated over a second mesh dimension, pass the data-parallel
+            one (``mesh["dp"]``), so each value counts once.
+        device: move each input there first; None: leave it where the batch put it.
+        progress: ``True`` prints a line per tenth of the pass on rank 0 (stderr); a callable is called
+            as ``progress(batches_done, num_batches)`` after each of this rank's batches.
+
+    Example::
+
+        >>> loader = DataLoader(train_set, batch_size=64, sampler=DistributedSampler(train_set))
+        >>> syncnorm.update_bn_stats(ddp_model, loader, num_batches=200)   # all ranks
+        >>> evaluate(ddp_model.module.eval())
+    """
+    group = comm.resolve_group(process_group)
+    if num_batches is not None and num_batches < 0:
+        raise ValueError(f"update_bn_stats expected num_batches >= 0 or None (got {num_batches})")
+    net = _unwrap(model)
+    layers = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
+    comm_device = torch.device(device) if device is not None else _model_device(net)
+    if progress is True:
+        progress = _progress_printer(num_batches)
+    modes = [(module, module.training) for module in net.modules()]
+    saved = [(layer, [b.detach().clone() if b is not None else None
+                      for b in (layer.running_mean, layer.running_var, layer.num_batches_tracked)])
+             for layer in layers]
+    totals = [_LayerStats(layer) for layer in layers]
+    hooks = [layer.register_forward_pre_hook(total.add) for layer, total in zip(layers, totals)]
+    try:
+        net.train()
+        with torch.no_grad():
+            _run_pass(net, batches, num_batches, device, comm_device, progress)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes:
+            module.training = training
+        with torch.no_grad():
+            for layer, buffers in saved:
+                for buffer, value in zip((layer.running_mean, layer.running_var, layer.num_batches_tracked),
+                                         buffers):
+                    if buffer is not None:
+                        buffer.copy_(value)
+    _pool_and_store(layers, totals, group, comm_device)
+
+
+def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], device, comm_device: torch.device,
+              progress) -> None:
+    """This rank's forwards; with collectives in the forward, stand-in forwards until all ranks are done."""
+    lockstep = comm.world_size() > 1 and _communicates_in_forward(net)
+    iterator = iter(batches)
+    done = 0
+    while True:
+        input = None
+        if num_batches is None or done < num_batches:
+            batch = next(iterator, None)
+            if batch is not None:
+                input = _first_input(batch)
+                if device is not None:
+                    input = input.to(device)
+        if lockstep:
+            # Who still has a batch, and the shape a rank that ran out copies: one small all_gather.
+            gathered = comm.all_gather(_describe(input, comm_device))
+            if not gathered[:, 0].any():
+                return
+            if input is None:
+                net(_stand_in_input(gathered, comm_device if device is None else torch.device(device)))
+                continue
+        elif input is None:
+            return
+        net(input)
+        done += 1
+        if progress:
+            progress(done, num_batches)
+
+
+def _pool_and_store(layers: List[_BatchNorm], totals: List[_LayerStats], group, device: torch.device) -> None:
+    """One gather of every layer's local statistics; the same combination on every rank; the buffers."""
+    packet = torch.cat([total.packet().to(device) for total in totals]) if totals else \
+        torch.zeros(0, dtype=torch.float64, device=device)
+    lengths = comm.all_gather(torch.tensor([packet.numel()], device=device), group).flatten().tolist()
+    if len(set(lengths)) > 1:
+        seen = ", ".join(f"rank {rank}: {n}" for rank, n in zip(comm.group_ranks(group), lengths))
+        raise ValueError(f"update_bn_stats expected the same BatchNorm layers on every rank (statistics "
+                         f"of {seen} values); every rank must pass the same model")
+    if not totals:
+        return
+    gathered = comm.all_gather(packet, group)
+    offset = 0
+    with torch.no_grad():
+        for layer in layers:
+            width = 1 + 2 * layer.num_features
+            counts, means, vars = stats.unpack_stats(gathered[:, offset : offset + width])
+            offset += width
+            total = counts.sum()
+            if total == 0:
+                continue  # the layer saw nothing: keep what it had
+            mean, var = stats.combine_stats(counts, means, vars)
+            # n / (n - 1): the unbiased variance, as BatchNorm keeps (n >= 2: BatchNorm refuses 1 value).
+            unbiased = var * (total / (total - 1).clamp_min(1))
+            layer.running_mean.copy_(mean.to(layer.running_mean.device, layer.running_mean.dtype))
+            layer.running_var.copy_(unbiased.to(layer.running_var.device, layer.running_var.dtype))

@@ -1,0 +1,179 @@
+"""``update_bn_stats`` against the pooled statistics computed in one process.
+
+The reference runs a plain-BatchNorm copy of the model in one process, in the state the pass runs it
+in (training mode, no gradients), on what each layer saw: for a plain model every rank's batches one
+by one (each normalizes with its own batch), for a synced model each step's concatenation of the ranks'
+batches (a synced layer normalizes with that global batch). Forward pre-hooks keep every value that
+enters each BatchNorm layer; the expected statistics are ``mean`` and ``var(unbiased=True)`` of all of
+them together, in float64. Nothing here comes from syncnorm's own combination code.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import syncnorm
+from syncnorm.testing import run_ranks
+
+CHANNELS = (3, 4, 5)
+
+
+def make_model(momentum=0.1) -> nn.Module:
+    """Conv -> BN2d -> conv -> BN2d -> linear -> BN1d, deterministic non-trivial weights, float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(CHANNELS[0], CHANNELS[1], 3, padding=1), nn.BatchNorm2d(CHANNELS[1], momentum=momentum),
+        nn.ReLU(), nn.Conv2d(CHANNELS[1], CHANNELS[2], 1), nn.BatchNorm2d(CHANNELS[2], momentum=momentum),
+        nn.Flatten(), nn.Linear(CHANNELS[2] * 16, 6), nn.BatchNorm1d(6, momentum=momentum),
+    ).double()
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-0.5, 0.5)
+                layer.running_mean.fill_(7.0)  # values the pass must replace
+                layer.running_var.fill_(3.0)
+                layer.num_batches_tracked.fill_(11)
+    return model
+
+
+def rank_batches(rank, counts_sizes, seed=1):
+    """Every rank's list of ``(input, label)`` batches; ``counts_sizes[rank]`` lists its batch sizes.
+    Channels get different offsets and scales, so a wrong pooling shows."""
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.linspace(-2.0, 3.0, CHANNELS[0]).view(1, -1, 1, 1)
+    every = []
+    for sizes in counts_sizes:
+        every.append([(torch.randn(size, CHANNELS[0], 4, 4, generator=generator, dtype=torch.float64) * (1 + r)
+                       + offsets, torch.zeros(size)) for r, size in enumerate(sizes)])
+    return every if rank is None else every[rank]
+
+
+def bn_layers(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def pooled_reference(steps):
+    """Mean and unbiased variance of every value entering each BatchNorm layer when a plain copy of
+    the model runs ``steps`` (a list of inputs) in training mode."""
+    model = make_model()
+    seen = {id(layer): [] for layer in bn_layers(model)}
+
+    def keep(layer, args):
+        x = args[0]
+        seen[id(layer)].append(x.transpose(0, 1).reshape(x.size(1), -1).clone())
+
+    for layer in bn_layers(model):
+        layer.register_forward_pre_hook(keep)
+    model.train()
+    with torch.no_grad():
+        for x in steps:
+            model(x)
+    result = []
+    for layer in bn_layers(model):
+        values = torch.cat(seen[id(layer)], 1)
+        result.append((values.mean(1), values.var(1, unbiased=True)))
+    return result
+
+
+def _record(model):
+    return {
+        "stats": [(layer.running_mean.clone(), layer.running_var.clone()) for layer in bn_layers(model)],
+        "tracked": [int(layer.num_batches_tracked) for layer in bn_layers(model)],
+        "modes": [m.training for m in model.modules()],
+        "momenta": [layer.momentum for layer in bn_layers(model)],
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+def _precise_on_rank(rank, world_size, counts_sizes, synced, wrap, num_batches, eval_mode):
+    model = make_model()
+    if synced:
+        model = syncnorm.convert_sync_batchnorm(model)
+    if eval_mode:
+        model.eval()
+        model[1].train()  # a mixed state, to check each module's own flag comes back
+    net = nn.parallel.DistributedDataParallel(model) if wrap else model
+    calls = []
+    syncnorm.update_bn_stats(net, rank_batches(rank, counts_sizes), num_batches=num_batches,
+                             progress=lambda done, total: calls.append((done, total)))
+    record = _record(model)
+    record["calls"] = calls
+    return record
+
+
+def _steps_for(counts_sizes, synced, num_batches=None):
+    """What the pass feeds the layers: each rank's batches (plain) or each step's concatenation (synced)."""
+    every = [[x for x, _ in batches[:num_batches]] for batches in rank_batches(None, counts_sizes)]
+    if not synced:
+        return [x for batches in every for x in batches]
+    longest = max(len(batches) for batches in every)
+    return [torch.cat([batches[i] for batches in every if i < len(batches)]) for i in range(longest)]
+
+
+def check(per_rank, counts_sizes, synced, num_batches=None, eval_mode=False):
+    reference = pooled_reference(_steps_for(counts_sizes, synced, num_batches))
+    before = _record(make_model())
+    for rank, record in enumerate(per_rank):
+        for index, ((mean, var), (ref_mean, ref_var)) in enumerate(zip(record["stats"], reference)):
+            assert torch.allclose(mean, ref_mean, rtol=0, atol=1e-10), (rank, index, mean - ref_mean)
+            assert torch.allclose(var, ref_var, rtol=1e-10, atol=1e-10), (rank, index, var - ref_var)
+            # Bitwise identical on every rank.
+            assert torch.equal(mean, per_rank[0]["stats"][index][0]) and torch.equal(var, per_rank[0]["stats"][index][1])
+        assert record["tracked"] == before["tracked"]
+        assert record["momenta"] == before["momenta"]
+        for param, expected in zip(record["params"], before["params"]):
+            assert torch.equal(param, expected)
+        expected_modes = [not eval_mode] * len(record["modes"])
+        if eval_mode:
+            expected_modes[2] = True  # model[1] (index 0 is the Sequential itself)
+        assert record["modes"] == expected_modes
+        mine = counts_sizes[rank][:num_batches]
+        assert [done for done, _ in record["calls"]] == list(range(1, len(mine) + 1))
+
+
+UNEVEN = [[4, 3, 5], [2, 6]]  # different numbers and sizes of batches
+
+
+@pytest.mark.parametrize("synced", [False, True], ids=["plain", "synced"])
+def test_uneven_batches_equal_pooled_reference(synced):
+    per_rank = run_ranks(_precise_on_rank, 2, UNEVEN, synced, False, None, False, timeout=180)
+    check(per_rank, UNEVEN, synced)
+
+
+def test_ddp_wrapped_synced_eval_mode_restored():
+    sizes = [[3, 4], [5, 2]]
+    per_rank = run_ranks(_precise_on_rank, 2, sizes, True, True, None, True, timeout=180)
+    check(per_rank, sizes, True, eval_mode=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("synced", [False, True], ids=["plain", "synced"])
+def test_three_ranks_one_without_batches_and_num_batches(synced):
+    sizes = [[4, 3, 5, 2], [], [2, 6, 3]]
+    per_rank = run_ranks(_precise_on_rank, 3, sizes, synced, True, 2, False, timeout=240)
+    check(per_rank, sizes, synced, num_batches=2)
+
+
+def test_one_process_matches_reference_and_restores_on_error():
+    """Without a process group: the pooled statistics of this process's batches; a failing batch leaves
+    the model exactly as it was."""
+    model = make_model()
+    sizes = [[4, 3, 5]]
+    calls = []
+    syncnorm.update_bn_stats(model, rank_batches(0, sizes), progress=lambda d, t: calls.append(d))
+    check([_record(model) | {"calls": [(d, None) for d in calls]}], sizes, False)
+
+    model = make_model()
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    bad = rank_batches(0, sizes) + [(torch.zeros(2, 7, 4, 4, dtype=torch.float64), None)]
+    with pytest.raises(RuntimeError):
+        syncnorm.update_bn_stats(model, bad)
+    after = model.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert not any(m.training for m in model.modules())
+    with pytest.raises(ValueError, match="num_batches"):
+        syncnorm.update_bn_stats(model, [], num_batches=-1)
