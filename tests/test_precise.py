@@ -177,3 +177,46 @@ def test_one_process_matches_reference_and_restores_on_error():
     assert not any(m.training for m in model.modules())
     with pytest.raises(ValueError, match="num_batches"):
         syncnorm.update_bn_stats(model, [], num_batches=-1)
+
+
+def test_launcher_precise_bn_batches(tmp_path):
+    """``train.precise_bn_batches: 3``: after the run, the BatchNorm buffers are the pooled statistics of
+    the first 3 training batches of the last epoch under the final weights (one process, local BN)."""
+    pytest.importorskip("yaml")
+    pytest.importorskip("rich")
+    from syncnorm.train.config import from_dict
+    from syncnorm.train.data import build_datasets, make_loaders
+    from syncnorm.train.loop import train
+    from syncnorm.train.ui import Reporter
+
+    def run(precise, out):
+        cfg = from_dict({
+            "model": {"name": "lenet", "norm": "bn"},
+            "data": {"name": "synthetic", "synthetic_samples": 128},
+            "train": {"epochs": 1, "batch_size": 16, "max_steps": 2, "dtype": "float64", "seed": 5,
+                      "precise_bn_batches": precise},
+            "output_dir": str(tmp_path / out),
+        })
+        return cfg, train(cfg, reporter=Reporter(enabled=False)).model
+
+    cfg, model = run(3, "on")
+    data = build_datasets("synthetic", synthetic_samples=128, seed=5)
+    loader, sampler, _ = make_loaders(data, batch_size=16, eval_batch_size=500, rank=0, world_size=1, seed=5)
+    sampler.set_epoch(1)
+    batches = [images.double() for images, _ in list(loader)[:3]]
+    reference, seen = copy.deepcopy(model).train(), {}
+    for layer in bn_layers(reference):
+        layer.register_forward_pre_hook(
+            lambda layer, args: seen.setdefault(id(layer), []).append(
+                args[0].transpose(0, 1).reshape(args[0].size(1), -1)))
+    with torch.no_grad():
+        for x in batches:
+            reference(x)
+    layers = bn_layers(model)
+    assert len(layers) >= 2
+    for layer, ref_layer in zip(layers, bn_layers(reference)):
+        values = torch.cat(seen[id(ref_layer)], 1)
+        assert torch.allclose(layer.running_mean, values.mean(1), rtol=0, atol=1e-10)
+        assert torch.allclose(layer.running_var, values.var(1), rtol=1e-10, atol=1e-10)
+    _, off = run(0, "off")  # the moving averages of 2 steps: not the pooled statistics
+    assert not torch.allclose(bn_layers(off)[0].running_var, layers[0].running_var, atol=1e-6)

@@ -81,6 +81,9 @@ class TrainConfig:
                            doc="non-finite loss on any rank: stop the run (the last good checkpoint stays) "
                                "or skip that step's update on every rank")
     compile: bool = _opt(False, doc="torch.compile the (DDP-wrapped) model; the first step compiles")
+    precise_bn_batches: int = _opt(0, ge=0, doc="before each evaluation, recompute BatchNorm statistics exactly "
+                                                "over this many training batches per rank "
+                                                "(syncnorm.update_bn_stats); 0: off")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from syncnorm._compat import destroy_process_group
+from syncnorm.precise import update_bn_stats
 from syncnorm.train import checkpoint as ckpt
 from syncnorm.train import failures, rundir
 from syncnorm.train.build import DTYPES, compile_model, load_data, make_model, make_optimizer, make_scheduler
@@ -267,6 +268,9 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
                               f"loss (train.nan_policy=skip)")
         if run.scheduler is not None:
             run.scheduler.step()
+        if t.precise_bn_batches:
+            state.phase = "precise BN statistics"
+            recompute_bn_stats(run, train_loader, dtype)
         state.phase = "evaluation"
         broadcast_buffers(run.model_without_ddp, info)
         test_stats = evaluate(run.model_without_ddp, test_loader, info, dtype)
@@ -281,6 +285,15 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
             state.last_checkpoint = _save_epoch(run, epoch, row)
         state.phase = "end of epoch"
         notify(callbacks, "on_epoch_end", state)
+
+
+def recompute_bn_stats(run: Run, train_loader, dtype) -> None:
+    """``train.precise_bn_batches``: exact BatchNorm statistics of the current weights over that many
+    training batches per rank (``syncnorm.update_bn_stats``), so the evaluation does not see the moving
+    averages taken while the weights changed. The unwrapped, uncompiled model runs (no DDP broadcast)."""
+    info = run.info
+    inputs = (images.to(info.device, dtype=dtype) for images, _ in train_loader)
+    update_bn_stats(run.model_without_ddp, inputs, num_batches=run.cfg.train.precise_bn_batches)
 
 
 class _CompileTimer:
