@@ -32,7 +32,7 @@ FORMAT = "syncnorm.train/1"
 REQUIRED_KEYS = ("format", "epoch", "model", "optimizer", "scheduler", "rng", "config", "metrics")
 _NAME = re.compile(r"^ckpt_epoch(\d+)\.pt$")
 # Temp files of atomic_save/atomic_write_text, left behind only when a writer was killed mid-write.
-_TEMP = re.compile(r"^\.(ckpt_epoch\d+\.pt|metrics\.jsonl|config\.yaml)\..+\.tmp$")
+_TEMP = re.compile(r"^\.(ckpt_epoch\d+\.pt|metrics\.jsonl|config\.yaml|curves\.png)\..+\.tmp$")
 
 
 def checkpoint_path(run_dir: str, epoch: int) -> str:
@@ -64,13 +64,25 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """This process's umask (read by setting it and setting it back: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, mode: str, write, **open_kwargs) -> None:
     """Call ``write(handle)`` on a temp file in ``path``'s directory, flush and fsync it, then rename it
-    onto ``path``: a crash leaves the old file or the new one, never half of one."""
+    onto ``path``: a crash leaves the old file or the new one, never half of one. The file gets the
+    mode ``open()`` would give it (0666 less the umask)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
+        # mkstemp creates the temp file 0600 (private while it is written); the renamed file would keep
+        # that mode, so other users could not read a run written under umask 022.
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             write(handle)
             handle.flush()
@@ -88,6 +100,11 @@ def _atomic_write(path: str, mode: str, write, **open_kwargs) -> None:
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj)`` to ``path`` through a synced temp file in the same directory + rename."""
     _atomic_write(path, "wb", lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path`` atomically (same recipe as :func:`atomic_save`)."""
+    _atomic_write(path, "wb", lambda handle: handle.write(data))
 
 
 def atomic_write_text(text: str, path: str) -> None:
@@ -143,6 +160,11 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path is a directory, expected a .pt file: {path} "
                               f"(use --resume auto to take the newest checkpoint of the run directory)")
+    if not _is_zip_archive(path):
+        # torch.save writes a zip archive; anything else (a YAML or JSON file of the run, a legacy
+        # pickle) would reach torch's pickle loader, whose refusal reads like a security rejection.
+        raise CheckpointError(f"{path} is not a syncnorm checkpoint (expected a ckpt_epoch{{N}}.pt that "
+                              f"launch/train.py wrote, a torch.save zip archive; this file is not one)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
@@ -162,6 +184,17 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if state["format"] != FORMAT:
         raise CheckpointError(f"{path}: expected checkpoint format {FORMAT} (got {state['format']!r})")
     return state
+
+
+def _is_zip_archive(path: str) -> bool:
+    """True when ``path`` starts like a zip archive, or is too short to tell (a truncated checkpoint:
+    torch.load reports it)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        return len(head) < 4 or head == b"PK\x03\x04"
+    except OSError:
+        return True  # let torch.load report the read error
 
 
 def find_resume(resume: str, run_dir: str, warn: Callable[[str], None]) -> Optional[Tuple[str, Dict[str, Any]]]:

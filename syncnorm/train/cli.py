@@ -19,6 +19,8 @@ from syncnorm.train import rundir
 from syncnorm.train.errors import CollectiveError, ConfigError, Interrupted, TrainingError
 from syncnorm.train.evaluation import evaluate_checkpoint
 from syncnorm.train.loop import train
+from syncnorm.train.preflight import check_launch_environment
+from syncnorm.train.resume import resumed_config
 from syncnorm.train.ui import Reporter, error_line
 
 
@@ -47,7 +49,10 @@ def train_parser() -> argparse.ArgumentParser:
 def run_training(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, configure, train; exceptions propagate (:func:`train_main` turns them into exit codes)."""
     args = train_parser().parse_args(argv)
+    check_launch_environment()
     cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        cfg = resumed_config(cfg, args.overrides)
     if env_int("RANK", 0) == 0:  # before any process-group work; the other ranks' torchrun stops them
         rundir.check_writable(cfg.output_dir)
         if not args.resume and not args.overwrite:
@@ -65,7 +70,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         # Every rank fails alike: said once, or once per node when it concerns each node
         # (NetworkError, SharedStorageError set every_node).
-        if rank_zero() or (getattr(error, "every_node", False) and os.environ.get("LOCAL_RANK", "0") == "0"):
+        if rank_zero() or getattr(error, "every_rank", False) or (
+                getattr(error, "every_node", False) and os.environ.get("LOCAL_RANK", "0") == "0"):
             error_line(str(error))
         return 2
     except CollectiveError as error:  # each surviving rank has its own view (rank 0 may be the lost one)

@@ -33,7 +33,7 @@ from torch import nn
 from syncnorm._compat import destroy_process_group
 from syncnorm.precise import update_bn_stats
 from syncnorm.train import checkpoint as ckpt
-from syncnorm.train import failures, rundir
+from syncnorm.train import curves, failures, rundir
 from syncnorm.train.build import DTYPES, compile_model, load_data, make_model, make_optimizer, make_scheduler
 from syncnorm.train.config import Config, to_dict
 from syncnorm.train.data import make_loaders
@@ -43,6 +43,7 @@ from syncnorm.train.epoch import LoopState, evaluate, notify, train_one_epoch, t
 from syncnorm.train.errors import (CollectiveError, ConfigError, Interrupted, NonFiniteLossError, TrainingError,
                                    UnsupportedOperationError)
 from syncnorm.train.models import count_parameters, has_sync_batchnorm
+from syncnorm.train.preflight import check_run, say_if_nothing_syncs
 from syncnorm.train.resume import restore
 from syncnorm.train.ui import Reporter
 
@@ -97,6 +98,7 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
     state = LoopState(run_dir=cfg.output_dir, phase="start-up")
     reporter = _open_log(reporter or Reporter(enabled=rank == 0), cfg, rank, world_size)
     info = None
+    started = ended = False  # a failed or interrupted run redraws curves.png in `finally`
     try:
         try:
             state.phase = "joining the process group"
@@ -106,9 +108,12 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
                 restore(run, resume)
             if run.start_epoch > cfg.train.epochs:
                 return nothing_to_do(run)
+            check_run(run)
             start(run)
+            started = True
             train_epochs(run, callbacks)
-            return finish(run, run_start)
+            result, ended = finish(run, run_start), True
+            return result
         except (TrainingError, ConfigError):
             raise
         except Exception as error:
@@ -128,6 +133,8 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
         reporter.failure(f"{type(error).__name__}: {failures.first_line(error)} (traceback on stderr)")
         raise
     finally:
+        if started and not ended and rank == 0:
+            curves.redraw(cfg.output_dir, reporter.warn)
         reporter.close_log()
         if info is not None and info.owns_group and dist.is_initialized():
             destroy_process_group()  # without the gloo teardown deadlock of torch <= 2.6
@@ -242,6 +249,7 @@ def start(run: Run) -> None:
                    ("threads/rank", f"{torch.get_num_threads()} ({threads_text(cfg.dist.threads)})"),
                    ("compile", "on (torch.compile)" if cfg.train.compile else "off")])
     reporter.keys([("run dir", cfg.output_dir)])
+    say_if_nothing_syncs(run)
     if run.resumed_from:
         reporter.info(f"resumed from {run.resumed_from} (epoch {run.start_epoch - 1} done)")
         for row in run.metrics:
@@ -326,8 +334,11 @@ def _save_epoch(run: Run, epoch: int, row: Dict[str, Any]) -> str:
 
 
 def nothing_to_do(run: Run) -> RunResult:
-    """A resumed run whose epochs are all done: say so (and how to train on); write nothing."""
+    """A resumed run whose epochs are all done: say so (and how to train on); write nothing but its log
+    lines and ``curves.png``."""
     done, epochs = run.start_epoch - 1, run.cfg.train.epochs
+    if run.info.rank == 0:
+        curves.redraw(run.cfg.output_dir, run.reporter.warn)
     run.reporter.info(f"nothing to do: epoch {done} of {epochs} done ({run.resumed_from}); to train on, add "
                       f"--set train.epochs=N with N > {done}")
     return RunResult(run.metrics, run.model_without_ddp, run.cfg.output_dir, run.resumed_from, run.resumed_from)
@@ -350,6 +361,7 @@ def eval_command() -> str:
 def finish(run: Run, run_start: float) -> RunResult:
     """Phase 5: the summary lines; the result every rank returns."""
     metrics, last_path, run_dir = run.metrics, run.state.last_checkpoint, run.cfg.output_dir
+    drawn = curves.redraw(run_dir, run.reporter.warn) if run.info.rank == 0 and metrics else None
     if metrics:
         best = max(metrics, key=lambda m: m["test_acc"])
         total = time.perf_counter() - run_start
@@ -358,7 +370,7 @@ def finish(run: Run, run_start: float) -> RunResult:
             ("total time", f"{total:.1f} s for {len(metrics) - (run.start_epoch - 1)} epoch(s) on "
                            f"{run.info.world_size} rank(s)"),
             ("run dir", f"{run_dir}/  config.yaml  metrics.jsonl  ckpt_epoch{{N}}.pt "
-                        f"(last {run.cfg.train.keep_checkpoints})  logs/rank{{N}}.log"),
+                        f"(last {run.cfg.train.keep_checkpoints})  logs/rank{{N}}.log" + ("  curves.png" if drawn else "")),
             ("evaluate", f"{eval_command()} --checkpoint {last_path}"),
         ])
     return RunResult(metrics, run.model_without_ddp, run_dir, last_path, run.resumed_from)

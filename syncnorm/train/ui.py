@@ -70,12 +70,12 @@ class Reporter:
     def info(self, text: str) -> None:
         self.write_log(text)
         if self.enabled:
-            self.console.print(text, markup=False, highlight=False)
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def warn(self, text: str) -> None:
         self.write_log(f"warning: {text}")
         if self.enabled:
-            self.console.print(f"warning: {text}", style="yellow", markup=False, highlight=False)
+            self.console.print(f"warning: {text}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
     def failure(self, text: str) -> None:
         """The run's one-line failure, in the log only (the launcher prints it)."""
@@ -96,13 +96,15 @@ class Reporter:
             return
         progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:,.0f} samples/s"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} samples/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=self.console, transient=True,
         )
-        task = progress.add_task("train", total=steps, loss=float("nan"), sps=0.0)
+        # Before the first step there is no loss and no rate yet: a dash, not "nan" and "0".
+        task = progress.add_task("train", total=steps, **progress_fields(None, None))
         with progress:
-            yield lambda loss, samples_per_s: progress.update(task, advance=1, loss=loss, sps=samples_per_s)
+            yield lambda loss, samples_per_s: progress.update(task, advance=1,
+                                                              **progress_fields(loss, samples_per_s))
 
     def epoch_row(self, metrics: Dict) -> None:
         """Print one epoch's row (the header too, before the first row)."""
@@ -117,12 +119,20 @@ class Reporter:
         self._header_done = True
 
     def summary(self, lines: Sequence) -> None:
+        """The closing ``key value`` lines. They hold commands and paths to copy: never broken into
+        several lines (a terminal narrower than a line folds it on screen, a copy stays one line)."""
         for key, value in lines:
             self.write_log(f"{key} {value}")
         if self.enabled:
             self.console.print()
             for key, value in lines:
-                self.console.print(f"[bold]{key}[/bold] {value}", highlight=False)
+                self.console.print(f"[bold]{key}[/bold] {value}", highlight=False, soft_wrap=True)
+
+
+def progress_fields(loss: Optional[float], samples_per_s: Optional[float]) -> Dict[str, str]:
+    """The progress bar's loss and samples/s texts; a dash while there is no value yet."""
+    return {"loss": "-" if loss is None else f"{loss:.4f}",
+            "sps": "-" if not samples_per_s else f"{samples_per_s:,.0f}"}
 
 
 def default_console() -> Console:
