@@ -3,6 +3,7 @@
 from syncnorm import functional
 from syncnorm.convert import convert_sync_batchnorm, revert_sync_batchnorm
 from syncnorm.functional import SyncBatchNormFunction, sync_batch_norm
+from syncnorm.join import join
 from syncnorm.module import SyncBatchNorm
 from syncnorm.precise import update_bn_stats
 
@@ -13,6 +14,7 @@ __all__ = [
     "SyncBatchNormFunction",
     "convert_sync_batchnorm",
     "functional",
+    "join",
     "revert_sync_batchnorm",
     "sync_batch_norm",
     "update_bn_stats",

@@ -87,11 +87,32 @@ def _functional_group(group: ProcessGroup):
     return dist.group.WORLD if group is None else group
 
 
+# Inside ``syncnorm.join`` (join.py) the synced layers' collectives of a group go over a side group with
+# the same ranks: on the group itself a rank that stands in for the others would issue them in another
+# order relative to DDP's gradient all_reduces, and gloo pairs collectives by order. The observer sees
+# each routed collective, so that join.py can replay them. Both are empty outside ``join``.
+_side_groups: dict = {}  # id(process group) -> its side group; the default group's id for None
+_observer: Optional[Callable[[str, Tensor, ProcessGroup], None]] = None
+
+
+def _route(kind: str, tensor: Tensor, group: ProcessGroup):
+    """``group``, or its side group inside ``syncnorm.join``; ``kind`` is "gather" or "sum"."""
+    if not _side_groups:
+        return group
+    side = _side_groups.get(id(dist.group.WORLD if group is None else group))
+    if side is None:
+        return group
+    if _observer is not None:
+        _observer(kind, tensor, group)
+    return side
+
+
 def all_gather(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     """Stack every rank's 1-D ``tensor`` into a ``(world, len)`` tensor. All ranks must call this."""
     size = world_size(group)
     if size == 1:
         return tensor.unsqueeze(0)
+    group = _route("gather", tensor, group)
     if is_compiling():
         from torch.distributed import _functional_collectives as funcol
 
@@ -129,6 +150,7 @@ def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Callab
     size = world_size(group)
     if size == 1:
         return lambda: tensor
+    group = _route("sum", tensor, group)
     if is_compiling():
         from torch.distributed import _functional_collectives as funcol
 

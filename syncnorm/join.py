@@ -1,0 +1,379 @@
+"""``syncnorm.join``: training with synced layers when ranks have different numbers of batches.
+
+torch's ``Join`` lets a rank that ran out of batches keep answering DDP's collectives (the "shadow"
+iterations) until every rank is done, but it knows nothing of collectives issued inside the model's
+forward and backward, so a model with synced BatchNorm layers hangs there. ``join`` adds the missing
+stand-in: a rank that has run out repeats, in each shadow iteration, the synced collectives of its own
+last iteration with empty inputs (zero counts), so the other ranks' statistics are exactly those of the
+*active* ranks' batches and the stand-in rank's running statistics move with theirs.
+
+How (all of it internal, for ``precise.py``-style users see :class:`CollectiveRecorder`):
+
+* Inside ``join`` every synced collective of a group goes over a *side group* with the same ranks
+  (``comm._route``): DDP issues its gradient all_reduces asynchronously in the middle of the active
+  ranks' backward, while a stand-in rank issues them from its join hook, so on one shared gloo group
+  the two kinds would pair up out of order.
+* A :class:`CollectiveRecorder` watches every routed collective of an iteration: a statistics gather
+  inside a ``SyncBatchNorm`` call is remembered as that layer call (replayed by calling the layer on an
+  empty ``(0, C, 1, ...)`` batch: zero count, running statistics and ``num_batches_tracked`` updated
+  from the gathered statistics as on the other ranks), any other collective as its size and dtype
+  (replayed with zeros, which is exactly an empty rank's contribution to a backward sum).
+* The replay runs inside DDP's own join hook, after DDP's shadow of the forward (buffer broadcast,
+  "is backward synced" all_reduce) and before its gradient all_reduces: the active ranks wait for the
+  former before their forward's first synced layer, and for the latter only at the end of backward.
+"""
+
+import contextlib
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
+
+from syncnorm import comm
+from syncnorm.module import SyncBatchNorm
+
+__all__ = ["join", "CollectiveRecorder"]
+
+# Last recorded iteration of each model, kept across join contexts: a rank with no batch at all in one
+# context (epoch) replays what it recorded in an earlier one.
+_LAST_ITERATION: "weakref.WeakKeyDictionary[nn.Module, List[tuple]]" = weakref.WeakKeyDictionary()
+# Side groups by the ranks of the group they stand beside; created once per process (collectively).
+_SIDE_GROUPS: Dict[Tuple[int, ...], Any] = {}
+
+
+class CollectiveRecorder:
+    """Records the synced collectives a model issues in one iteration and replays them as a stand-in.
+
+    Internal API shared by :func:`join` and forward-only helpers (precise BN). Use it inside
+    :func:`side_groups` (which routes and exposes the synced collectives); call :meth:`begin_iteration`
+    at the start of each real iteration (before the model's first synced layer), and on a rank that has
+    run out of data call :meth:`replay` once for every iteration the other ranks still run: it issues
+    the collectives of this rank's last recorded iteration in the same order, as a rank with an empty
+    batch would (all ranks of the layers' groups must be either running that iteration or replaying).
+    Forward-only iterations (``torch.no_grad``) record and replay only their forward gathers.
+
+    Args:
+        model: the module whose ``SyncBatchNorm`` layers are watched (a DDP wrapper's ``.module``).
+
+    Example::
+
+        >>> recorder = CollectiveRecorder(model)
+        >>> with side_groups(model), recorder:
+        ...     for batch in my_batches:
+        ...         recorder.begin_iteration()
+        ...         model(batch)
+        ...     for _ in range(iterations_others_still_run):
+        ...         recorder.replay()
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.events: List[tuple] = []
+        self._call: Optional[tuple] = None  # (layer, dtype, device, ndim) of the layer call under way
+        self._call_recorded = False
+        self._replaying = False
+        self._handles: list = []
+
+    def __enter__(self) -> "CollectiveRecorder":
+        if comm._observer is not None:
+            raise RuntimeError("expected one CollectiveRecorder at a time (got a second one inside the first)")
+        for layer in self.model.modules():
+            if isinstance(layer, SyncBatchNorm):
+                self._handles.append(layer.register_forward_pre_hook(self._enter_layer))
+                self._handles.append(layer.register_forward_hook(self._leave_layer))
+        comm._observer = self._observe
+        return self
+
+    def __exit__(self, *exc) -> None:
+        comm._observer = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.events:
+            _LAST_ITERATION[self.model] = self.events
+
+    @property
+    def has_recording(self) -> bool:
+        """Whether there is an iteration to replay (recorded now or in an earlier context)."""
+        return bool(self.events) or self.model in _LAST_ITERATION
+
+    def begin_iteration(self) -> None:
+        """Start recording a new iteration; the previous one becomes the one :meth:`replay` repeats."""
+        if self.events:
+            _LAST_ITERATION[self.model] = self.events
+        self.events = []
+        self._call = None
+
+    def replay(self) -> None:
+        """Issue the last recorded iteration's synced collectives with empty inputs. All ranks of the
+        layers' groups must be running or replaying that iteration."""
+        events = self.events or _LAST_ITERATION.get(self.model)
+        if not events:
+            raise RuntimeError("CollectiveRecorder.replay: expected a recorded iteration (got none)")
+        self._replaying = True
+        try:
+            for event in events:
+                if event[0] == "layer":
+                    _, layer, dtype, device, ndim = event
+                    empty = torch.empty((0, layer.num_features) + (1,) * (ndim - 2), dtype=dtype, device=device)
+                    with torch.no_grad():
+                        layer(empty)
+                else:
+                    kind, numel, dtype, device, group = event
+                    zeros = torch.zeros(numel, dtype=dtype, device=device)
+                    if kind == "gather":
+                        comm.all_gather(zeros, group)
+                    else:
+                        comm.sum_across_ranks(zeros, group)
+        finally:
+            self._replaying = False
+
+    def _enter_layer(self, layer: nn.Module, args: tuple) -> None:
+        if self._replaying:
+            return
+        input = args[0] if args else None
+        if isinstance(input, Tensor):
+            self._call = (layer, input.dtype, input.device, max(input.dim(), 2))
+            self._call_recorded = False
+
+    def _leave_layer(self, layer: nn.Module, args: tuple, output: Any) -> None:
+        self._call = None
+
+    def _observe(self, kind: str, tensor: Tensor, group) -> None:
+        if self._replaying:
+            return
+        if kind == "gather" and self._call is not None:
+            # One event per layer call, however many gathers it sends (its first call adds the
+            # channel-count check): the replayed call decides that again from the layer's own flag.
+            if not self._call_recorded:
+                self.events.append(("layer",) + self._call)
+                self._call_recorded = True
+            return
+        self.events.append((kind, tensor.numel(), tensor.dtype, tensor.device, group))
+
+
+def _synced_groups(model: nn.Module) -> List[Any]:
+    """The process groups of the model's synced layers (None for the default group), first use first."""
+    groups: List[Any] = []
+    for layer in model.modules():
+        if isinstance(layer, SyncBatchNorm):
+            group = comm.resolve_group(layer.process_group) if hasattr(comm, "resolve_group") else layer.process_group
+            if not any(group is seen for seen in groups):
+                groups.append(group)
+    return groups
+
+
+@contextlib.contextmanager
+def side_groups(model: nn.Module, extra_groups: Tuple[Any, ...] = ()) -> Iterator[Dict[int, Any]]:
+    """Route the synced collectives of ``model``'s layers (and of ``extra_groups``) over side groups.
+
+    Creating a side group is collective over the default group: all ranks must enter this together
+    (each distinct set of ranks gets its group once per process, then it is reused). Yields the map
+    ``id(group) -> side group`` (the default group under its own id). Not reentrant.
+    """
+    if comm._side_groups:
+        raise RuntimeError("expected one syncnorm.join context at a time (got one inside another)")
+    groups = _synced_groups(model) + [g for g in extra_groups]
+    mine = sorted({tuple(comm.group_ranks(g)) for g in groups})
+    everyone: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    # Every rank creates the same groups in the same order (new_group requires it), members or not.
+    for ranks in sorted({ranks for wanted in everyone for ranks in wanted}):
+        if ranks not in _SIDE_GROUPS:
+            _SIDE_GROUPS[ranks] = dist.new_group(list(ranks))
+    routes = {}
+    for group in groups:
+        parent = dist.group.WORLD if group is None else group
+        routes[id(parent)] = _SIDE_GROUPS[tuple(comm.group_ranks(group))]
+    comm._side_groups.update(routes)
+    try:
+        yield routes
+    finally:
+        comm._side_groups.clear()
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules runs under ``torch.compile``."""
+    for module in model.modules():
+        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
+            return True
+    return False
+
+
+class _Session:
+    """What one ``join`` context knows: the recorder, the side of the join group, pending checks."""
+
+    def __init__(self, root: nn.Module, group, device: torch.device) -> None:
+        self.recorder = CollectiveRecorder(root)
+        self.group = group  # the join group (DDP's), never None
+        self.device = device
+        self.side = None
+        self.check_pending = False
+
+    def begin_iteration(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the model: an active rank starts an iteration."""
+        self.recorder.begin_iteration()
+        if self.check_pending:
+            self._check_recordings(missing=False)
+
+    def stand_in(self) -> None:
+        """One shadow iteration of a rank that has run out of batches."""
+        if self.check_pending:
+            self._check_recordings(missing=not self.recorder.has_recording)
+        self.recorder.replay()
+
+    def _check_recordings(self, missing: bool) -> None:
+        """First iteration of a context entered by a rank with nothing to replay: every rank learns
+        whether some rank ran out before its first iteration, and all raise together if so."""
+        self.check_pending = False
+        flag = torch.tensor([1.0 if missing else 0.0], device=self.device)
+        flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size(self.side))]
+        dist.all_gather(flags, flag, group=self.side)
+        ranks = comm.group_ranks(self.group)
+        empty = [str(ranks[i]) for i, f in enumerate(flags) if f.item() != 0]
+        if empty:
+            raise ValueError(
+                "syncnorm.join expected every rank to run at least one iteration before it runs out "
+                f"(got none on rank(s) {', '.join(empty)}, and no earlier iteration to repeat): a rank "
+                "that has run out repeats its last iteration with an empty batch; give every rank at "
+                "least one batch in the first syncnorm.join of a model"
+            )
+
+
+class _StandInJoinable(Joinable):
+    """The Joinable of a model without DDP: its join hook runs the stand-in."""
+
+    def __init__(self, session: _Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def join_hook(self, **kwargs) -> JoinHook:
+        session = self.session
+
+        class _Hook(JoinHook):
+            def main_hook(self) -> None:
+                session.stand_in()
+
+        return _Hook()
+
+    @property
+    def join_device(self) -> torch.device:
+        return self.session.device
+
+    @property
+    def join_process_group(self):
+        return self.session.group
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterator[None]:
+    r"""Train a model with synced layers on ranks that have different numbers of batches.
+
+    A context manager around torch's :class:`~torch.distributed.algorithms.join.Join`: inside it each
+    rank runs as many iterations (forward, backward, optimizer step) as it has batches. A rank that has
+    run out waits at the end of the ``with`` block and, while other ranks still run iterations, stands
+    in for them: it answers DDP's collectives (DDP's own join hook) and the synced layers' collectives,
+    which it repeats from its own last iteration with an empty batch. So nothing hangs and nothing is
+    approximated:
+
+    * each iteration's batch statistics are BatchNorm's over the batches of the ranks still running;
+    * running statistics and ``num_batches_tracked`` move on every rank, the stand-in ones included,
+      and are identical on all ranks at the end;
+    * gradients follow DDP's join semantics: the ranks that ran out contribute zero, and the sum is
+      divided by the initial world size (``divide_by_initial_world_size=False``: by the number of
+      ranks still running); DDP then broadcasts the final model from a rank that ran last.
+
+    Every iteration inside the context must call the same synced layers in the same order (the
+    stand-in repeats one iteration); a rank that runs out before its first iteration there needs an
+    iteration recorded in an earlier ``join`` of the same model, else every rank raises ``ValueError``.
+    The synced layers' collectives go over a side process group with the same ranks, created on first
+    entry. All ranks must call this. Eager only: a model under ``torch.compile`` is a ``ValueError``.
+
+    Args:
+        model: the ``DistributedDataParallel`` model, or a model without DDP (e.g. for forward-only
+            passes in training mode); its ``SyncBatchNorm`` layers are the ones stood in for.
+        *other_joinables: further :class:`~torch.distributed.algorithms.join.Joinable` s, e.g. a
+            ``ZeroRedundancyOptimizer``; their hooks run after the model's.
+        **join_kwargs: passed to ``Join``: ``enable``, ``throw_on_early_termination``,
+            ``divide_by_initial_world_size``.
+
+    Example::
+
+        >>> model = DistributedDataParallel(syncnorm.convert_sync_batchnorm(net))
+        >>> with syncnorm.join(model):
+        ...     for x, y in my_shard:          # a different number of batches on each rank
+        ...         loss_fn(model(x), y).backward()
+        ...         optimizer.step()
+        ...         optimizer.zero_grad()
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if _compiled(model):
+        raise ValueError(
+            "syncnorm.join expected an eager model (got one that runs under torch.compile); "
+            "train inside syncnorm.join with the uncompiled model"
+        )
+    if not comm.is_distributed():
+        yield  # one process: nothing to stand in for
+        return
+    ddp = model if isinstance(model, DistributedDataParallel) else None
+    root = ddp.module if ddp is not None else model
+    group = ddp.process_group if ddp is not None else dist.group.WORLD
+    device = ddp.join_device if ddp is not None else _model_device(model)
+    if ddp is not None and not hasattr(ddp, _DDP_HOOK_POINT):
+        raise RuntimeError(
+            f"syncnorm.join expected DistributedDataParallel.{_DDP_HOOK_POINT} (got a torch "
+            f"{torch.__version__} without it); use a torch release that has it"
+        )
+    session = _Session(root, group, device)
+    joinable = ddp if ddp is not None else _StandInJoinable(session)
+    with side_groups(root, extra_groups=(group,)) as routes, session.recorder:
+        session.side = routes[id(group)]
+        # Once per context: is there a rank with nothing to replay? Then the first iteration checks
+        # whether such a rank ran out before running one (one small gather, all ranks together).
+        mine = torch.tensor([0.0 if session.recorder.has_recording else 1.0], device=device)
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=session.side)
+        session.check_pending = mine.item() != 0
+        hooks = []
+        if ddp is None:
+            # Join requires its first Joinable to announce every iteration before its collectives.
+            hooks.append(root.register_forward_pre_hook(lambda module, args: Join.notify_join_context(joinable)))
+        else:
+            _patch_ddp(ddp, session)
+        hooks.append(root.register_forward_pre_hook(session.begin_iteration))
+        try:
+            with Join([joinable, *other_joinables], **join_kwargs):
+                yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            if ddp is not None:
+                ddp.__dict__.pop(_DDP_HOOK_POINT, None)
+
+
+# The DDP method that its join hook calls on a joined rank after shadowing the forward's collectives
+# (buffer broadcast) and before the gradient all_reduces; the stand-in runs right after it.
+_DDP_HOOK_POINT = "_check_global_requires_backward_grad_sync"
+
+
+def _patch_ddp(ddp: nn.Module, session: _Session) -> None:
+    """Make DDP's join hook run the synced layers' stand-in between its forward and backward shadows."""
+    original = getattr(ddp, _DDP_HOOK_POINT)
+
+    def check_then_stand_in(is_joined_rank):
+        result = original(is_joined_rank)
+        if is_joined_rank:
+            session.stand_in()
+        return result
+
+    ddp.__dict__[_DDP_HOOK_POINT] = check_then_stand_in
