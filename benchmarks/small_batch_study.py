@@ -1,12 +1,18 @@
 """Small per-rank batches: does SyncBN recover large-batch accuracy? LeNet on mnist5k, test accuracy.
 
 For every per-rank batch ``b`` in ``--batches`` (default 2 4 8 32), every norm in ``--norms`` (default
-bn, syncbn, gn) and every seed in ``--seeds`` (default 0 1 2), LeNet is trained through the real loop
+bn, bn-precise, syncbn, gn) and every seed in ``--seeds`` (default 0 1 2), LeNet is trained through the real loop
 (``syncnorm.train.loop.train``, DDP over ``--world-size`` gloo CPU ranks, default 2, one thread per
 rank) and its final test accuracy on the 1,000 held-out mnist5k digits is recorded. A reference run,
 ``bn`` in **one** process with batch ``W*b`` (BatchNorm over the whole global batch), is trained for
 every ``b`` and seed as well: SyncBN computes exactly that BatchNorm, and with the same seed both see
 the same samples in each step, so the two should agree up to float rounding.
+
+``bn-precise`` trains exactly as ``bn`` (same seed, same steps) and then, before each evaluation,
+recomputes the BatchNorm statistics over the whole training set with ``syncnorm.update_bn_stats``
+(``train.precise_bn_batches``; the pass uses the training batches, so each layer still normalizes with
+its rank's ``b`` samples while the statistics are gathered): it tells whether local BN's small-batch
+damage is in its running statistics or in the training itself.
 
 Fair-shot rules, identical for every norm:
 
@@ -19,6 +25,8 @@ Fair-shot rules, identical for every norm:
     python benchmarks/small_batch_study.py            # ~10 minutes on 2 cores
     python benchmarks/small_batch_study.py --quick    # smoke run, ~2 minutes
     python benchmarks/small_batch_study.py --world-size 4   # oversubscribes a 2-core box, slow
+    python benchmarks/small_batch_study.py --norms bn-precise --no-reference --keep-results --update-results
+                                                      # one column added to the committed results
 
 Results: a rich table on stdout and, under ``runs/benchmarks/`` (``--update-results``: the committed
 ``benchmarks/results/``), ``small_batch_study.json`` (every run), ``small_batch_study.md`` (mean +- std
@@ -47,7 +55,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CONFIG = os.path.join(ROOT, "configs", "lenet.yaml")
 REF = "bn-global"  # the reference: bn, 1 process, batch W*b
-LABELS = {"bn": "bn (local, per rank)", "syncbn": "syncbn", "gn": "gn", REF: "bn, 1 process, batch W*b"}
+PRECISE = "bn-precise"  # local bn training, then exact statistics over the whole training set
+LABELS = {"bn": "bn (local, per rank)", PRECISE: "bn + precise BN", "syncbn": "syncbn", "gn": "gn",
+          "ln": "ln", "none": "none", REF: "bn, 1 process, batch W*b"}
+ORDER = list(LABELS)  # column order of the tables and the plot
+# train.precise_bn_batches of the precise config: more than any epoch has, so the pass covers every
+# training batch of every rank (the loader ends first).
+ALL_BATCHES = 1_000_000
 
 
 def lr_for(global_batch: int, base_lr: float) -> float:
@@ -64,8 +78,10 @@ def train_once(norm: str, batch: int, seed: int, global_batch: int, args: argpar
     lr = lr_for(global_batch, args.base_lr)
     start = time.perf_counter()
     try:
+        precise = ALL_BATCHES if norm == PRECISE else 0
         cfg = load_config(CONFIG, [
-            f"model.norm={norm}", "data.name=mnist5k", f"train.batch_size={batch}", f"train.epochs={args.epochs}",
+            f"model.norm={'bn' if norm == PRECISE else norm}", f"train.precise_bn_batches={precise}",
+            "data.name=mnist5k", f"train.batch_size={batch}", f"train.epochs={args.epochs}",
             f"train.lr={lr!r}", "train.momentum=0.9", "train.weight_decay=0.0005", "train.schedule=cosine",
             f"train.seed={seed}", "train.keep_checkpoints=1", f"output_dir={out_dir}",
         ])
@@ -146,8 +162,8 @@ def plot(summary: Dict, norms: Sequence[str], batches: Sequence[int], world_size
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"bn": ("tab:red", "o", "-"), "syncbn": ("tab:blue", "s", "-"), "gn": ("tab:green", "^", "-"),
-              REF: ("black", "x", "--")}
+    styles = {"bn": ("tab:red", "o", "-"), PRECISE: ("tab:orange", "D", ":"), "syncbn": ("tab:blue", "s", "-"),
+              "gn": ("tab:green", "^", "-"), REF: ("black", "x", "--")}
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     for i, norm in enumerate(norms):
         rows = summary.get(norm, {})
@@ -191,15 +207,34 @@ def print_table(summary: Dict, norms: Sequence[str], batches: Sequence[int], wor
     Console(width=max(110, shutil.get_terminal_size((110, 24)).columns)).print(table)
 
 
+def _earlier_runs(path: str, ran: Sequence[str], args: argparse.Namespace) -> List[Dict]:
+    """``--keep-results``: the runs of ``path`` for the configs not run now, after checking that they
+    were measured with the same settings (else the columns would not compare)."""
+    with open(path, encoding="utf-8") as f:
+        earlier = json.load(f)
+    old = earlier["settings"]
+    for key in ("world_size", "epochs", "base_lr"):
+        if old.get(key) != getattr(args, key):
+            raise SystemExit(f"--keep-results: {path} has {key}={old.get(key)} (this run: {getattr(args, key)}); "
+                             "run every config again instead")
+    return [r for r in earlier["runs"] if r["norm"] not in ran]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", nargs="+", type=int, default=[2, 4, 8, 32], help="per-rank batch sizes")
-    p.add_argument("--norms", nargs="+", default=["bn", "syncbn", "gn"], choices=["bn", "syncbn", "gn", "ln", "none"])
+    p.add_argument("--norms", nargs="+", default=["bn", PRECISE, "syncbn", "gn"],
+                   choices=["bn", PRECISE, "syncbn", "gn", "ln", "none"],
+                   help=f"configs of the multi-rank runs ({PRECISE}: bn, then train.precise_bn_batches over the "
+                        "whole training set before each evaluation)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--world-size", type=int, default=2, help="ranks of the multi-rank runs (default 2)")
     p.add_argument("--epochs", type=int, default=2, help="sample budget, in epochs of the 4,000-digit train split")
     p.add_argument("--base-lr", type=float, default=0.1, help="lr at global batch 64 (linear scaling)")
     p.add_argument("--no-reference", action="store_true", help="skip the 1-process bn runs at batch W*b")
+    p.add_argument("--keep-results", action="store_true",
+                   help="start from the runs in the output's existing .json and replace only the configs run "
+                        "now (e.g. --norms bn-precise --no-reference adds that column to the committed study)")
     p.add_argument("--quick", action="store_true", help="smoke run: batches 4 32, seeds 0 1, 1 epoch")
     p.add_argument("--update-results", action="store_true",
                    help="write to benchmarks/results/ (the committed results) instead of runs/benchmarks/")
@@ -231,7 +266,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs += run_references(ref_jobs, args, workers=min(2, os.cpu_count() or 1))
     load_after = os.getloadavg()
 
-    norms = list(args.norms) + ([] if args.no_reference else [REF])
+    ran = list(args.norms) + ([] if args.no_reference else [REF])
+    earlier = _earlier_runs(args.out + ".json", ran, args) if args.keep_results else []
+    runs = earlier + runs
+    present = {r["norm"] for r in runs}
+    norms = [n for n in ORDER if n in present]
     summary = summarize(runs, norms, batches)
     print_table(summary, norms, batches, world,
                 f"Test accuracy (%) on mnist5k, mean ± std over {len(args.seeds)} seed(s), final epoch")
@@ -253,6 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = {
         "benchmark": "small_batch_study", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python benchmarks/small_batch_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "kept_from_earlier": sorted({r["norm"] for r in earlier}),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__, "backend": "gloo",
                     "threads_per_rank": 1},
