@@ -1,7 +1,7 @@
 """syncnorm: an exact SyncBatchNorm for PyTorch that runs on every backend (gloo/CPU included)."""
 
 from syncnorm import functional
-from syncnorm.convert import convert_sync_batchnorm, revert_sync_batchnorm
+from syncnorm.convert import convert_sync_batchnorm, register_conversion, revert_sync_batchnorm
 from syncnorm.functional import SyncBatchNormFunction, sync_batch_norm
 from syncnorm.join import join
 from syncnorm.module import SyncBatchNorm
@@ -15,6 +15,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "functional",
     "join",
+    "register_conversion",
     "revert_sync_batchnorm",
     "sync_batch_norm",
     "update_bn_stats",

@@ -1,14 +1,21 @@
-"""Model walkers: ``convert_sync_batchnorm`` (BatchNorm -> syncnorm) and ``revert_sync_batchnorm``."""
+"""Model walkers: ``convert_sync_batchnorm`` (BatchNorm -> syncnorm), ``revert_sync_batchnorm``, and the
+registry of how each BatchNorm flavour converts (``register_conversion``)."""
 
 import copy
-from typing import Dict, Optional, Type
+import functools
+import sys
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Type
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from syncnorm import comm
 from syncnorm.module import SyncBatchNorm
+
+_REGISTER_HELP = "docs/integrations.md, 'Registering your own BatchNorm flavour'"
 
 
 class BatchNormNd(_BatchNorm):
@@ -20,29 +27,225 @@ class BatchNormNd(_BatchNorm):
             raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
 
 
-# What convert_sync_batchnorm turns into SyncBatchNorm: every BatchNorm flavour, torch's own SyncBN
-# included (it refuses CPU tensors). Lazy modules are left alone: they have no shape to copy yet.
-_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_PLAIN_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNormNd)
+class _Conversion(NamedTuple):
+    synced: Type[SyncBatchNorm]  # the class convert_sync_batchnorm builds
+    revert_to: Optional[Type[_BatchNorm]]  # the class revert_sync_batchnorm builds; None: the layer's own
 
 
-def _transfer_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
-    """Make ``target`` use ``source``'s very parameter and buffer objects, mode and extra attributes.
+# Keyed by the class whose forward a layer must have (its own or inherited) to convert this way: a
+# subclass that changes forward computes something else, and syncing it as plain BatchNorm would
+# silently change the model.
+_CONVERSIONS: Dict[type, _Conversion] = {
+    # BatchNorm1d/2d/3d and every subclass that keeps BatchNorm's forward (mmcv's _BatchNormXd too)
+    _BatchNorm: _Conversion(SyncBatchNorm, None),
+    # torch's SyncBN syncs only on CUDA: the way back is a local BatchNorm for any input rank
+    nn.SyncBatchNorm: _Conversion(SyncBatchNorm, BatchNormNd),
+}
 
-    Sharing the objects (not copying them) keeps ``requires_grad``, device, dtype, the model's
-    state_dict, and any optimizer or DDP reducer that already holds the parameters.
+# Integrations that register their library's layers, imported once that library is: a model can only
+# hold timm's layers after `import timm`, so the user never imports anything for them.
+_INTEGRATIONS = {"timm": "syncnorm.integrations.timm"}
+
+
+def register_conversion(
+    source: Type[_BatchNorm],
+    synced: Type[SyncBatchNorm] = SyncBatchNorm,
+    revert_to: Optional[Type[_BatchNorm]] = None,
+) -> None:
+    """Tell :func:`convert_sync_batchnorm` and :func:`revert_sync_batchnorm` how a BatchNorm flavour
+    converts and reverts.
+
+    ``convert_sync_batchnorm`` replaces each layer of class ``source`` (and of any subclass that does
+    not override ``forward``) by a ``synced`` layer built with the layer's ``num_features``, ``eps``,
+    ``momentum``, ``affine`` and ``track_running_stats`` and the call's ``process_group``. The new layer
+    takes over the very parameter, buffer and child-module objects of the old one, its train/eval mode
+    and every other attribute it does not have itself (a subclass's own settings, ``qconfig``), so a
+    ``synced`` class can use what ``source`` keeps (timm's integration reads ``act`` and ``drop``).
+    ``revert_sync_batchnorm`` builds ``revert_to`` (default: the layer's original class) the way
+    ``copy`` and ``pickle`` rebuild a module, without calling its ``__init__``, from the synced layer's
+    state minus the synced class's own attributes (``process_group``...). With ``revert_to`` set, it
+    also reverts layers of class ``source`` that never went through ``convert_sync_batchnorm`` (as it
+    does for ``torch.nn.SyncBatchNorm``).
+
+    Register a class only when ``synced`` computes what ``source`` computes with statistics over the
+    global batch. Plain BatchNorm subclasses need no registration; timm's layers are registered
+    automatically. A later registration of the same ``source`` replaces the earlier one.
+
+    Args:
+        source: a :class:`torch.nn.modules.batchnorm._BatchNorm` subclass (not a syncnorm one).
+        synced: a :class:`syncnorm.SyncBatchNorm` subclass that takes ``SyncBatchNorm``'s constructor
+            arguments. Default: :class:`syncnorm.SyncBatchNorm`
+        revert_to: the plain class a converted layer goes back to. Default: None (its original class)
+
+    Example::
+
+        >>> from detectron2.layers import NaiveSyncBatchNorm
+        >>> syncnorm.register_conversion(NaiveSyncBatchNorm, revert_to=torch.nn.BatchNorm2d)
+        >>> model = syncnorm.convert_sync_batchnorm(model)   # NaiveSyncBatchNorm -> SyncBatchNorm
     """
-    if source.affine:
-        target.weight = source.weight
-        target.bias = source.bias
-    if source.track_running_stats:
-        target.running_mean = source.running_mean
-        target.running_var = source.running_var
-        target.num_batches_tracked = source.num_batches_tracked
-    target.train(source.training)
-    if hasattr(source, "qconfig"):
-        target.qconfig = source.qconfig
+    _check_class("source", source, _BatchNorm, "a torch.nn.modules.batchnorm._BatchNorm subclass")
+    if issubclass(source, SyncBatchNorm):
+        raise TypeError(
+            f"register_conversion expected a source class that is not syncnorm's (got {source.__qualname__}, "
+            f"a syncnorm.SyncBatchNorm subclass): syncnorm's layers are already synced"
+        )
+    _check_class("synced", synced, SyncBatchNorm, "a syncnorm.SyncBatchNorm subclass")
+    if revert_to is not None:
+        _check_class("revert_to", revert_to, _BatchNorm, "a torch.nn.modules.batchnorm._BatchNorm subclass")
+        if issubclass(revert_to, SyncBatchNorm):
+            raise TypeError(
+                f"register_conversion expected a plain revert_to class (got {revert_to.__qualname__}, a "
+                f"syncnorm.SyncBatchNorm subclass)"
+            )
+    _CONVERSIONS[source] = _Conversion(synced, revert_to)
+
+
+def _register_default(
+    source: Type[_BatchNorm], synced: Type[SyncBatchNorm], revert_to: Optional[Type[_BatchNorm]] = None
+) -> None:
+    """An integration's registration: one the user made for ``source`` first stays."""
+    if source not in _CONVERSIONS:
+        register_conversion(source, synced, revert_to)
+
+
+def _check_class(name: str, value, base: type, expected: str) -> None:
+    if not (isinstance(value, type) and issubclass(value, base)):
+        got = value.__qualname__ if isinstance(value, type) else repr(value)
+        raise TypeError(f"register_conversion expected {name} to be {expected} (got {got})")
+
+
+def _load_integrations() -> None:
+    for library, integration in _INTEGRATIONS.items():
+        if library in sys.modules and integration not in sys.modules:
+            try:
+                __import__(integration)
+            except ImportError:
+                # A library version the integration does not know: its layers stay unregistered, and
+                # the walkers refuse them (own forward) instead of changing them silently.
+                pass
+
+
+def _conversion_for(layer_type: type) -> Tuple[type, _Conversion]:
+    """The nearest registered class in ``layer_type``'s MRO and its conversion."""
+    for base in layer_type.__mro__:
+        if base in _CONVERSIONS:
+            return base, _CONVERSIONS[base]
+    raise AssertionError(f"{layer_type} is not a _BatchNorm")
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _own_forward_problem(layer: nn.Module, base: type) -> Optional[str]:
+    if type(layer).forward is base.forward:
+        return None
+    return (
+        f"got {_name(type(layer))}, which has its own forward instead of {base.__qualname__}'s, "
+        f"at {{where}}{{more}}): register how it syncs with syncnorm.register_conversion ({_REGISTER_HELP})"
+    )
+
+
+def _convert_problem(layer: nn.Module) -> Optional[str]:
+    """Why ``layer`` cannot convert, as the rest of an error message; None when it can (or is no BatchNorm)."""
+    if not isinstance(layer, _BatchNorm) or isinstance(layer, SyncBatchNorm):
+        return None
+    if isinstance(layer, LazyModuleMixin):
+        # Materialized lazy layers are plain BatchNorm*d (torch swaps the class at the first forward).
+        return (
+            f"got an uninitialized {type(layer).__qualname__} at {{where}}{{more}}): run one forward pass "
+            f"on the model first (it fixes num_features), then convert"
+        )
+    if parametrize.is_parametrized(layer):
+        return (
+            f"got {type(layer).__qualname__} with parametrizations at {{where}}{{more}}): convert before "
+            f"parametrizing, or remove them first (torch.nn.utils.parametrize.remove_parametrizations)"
+        )
+    base, _ = _conversion_for(type(layer))
+    return _own_forward_problem(layer, base)
+
+
+def _revert_class(layer: nn.Module) -> Tuple[Optional[type], Optional[str]]:
+    """What ``layer`` reverts to (None: it stays), or why that is unknown."""
+    if isinstance(layer, SyncBatchNorm):
+        original = layer.__dict__.get("_original_class")
+        if original is not None:
+            return original, None
+        if type(layer).forward is SyncBatchNorm.forward:
+            return BatchNormNd, None
+        # Built directly rather than converted: the class it is registered as the synced form of.
+        for source, conversion in _CONVERSIONS.items():
+            if conversion.synced is type(layer):
+                return conversion.revert_to or source, None
+        return None, (
+            f"got {_name(type(layer))}, a SyncBatchNorm subclass with its own forward that no registered "
+            f"conversion builds, at {{where}}{{more}}): register the class it reverts to with "
+            f"syncnorm.register_conversion ({_REGISTER_HELP})"
+        )
+    if isinstance(layer, _BatchNorm):
+        base, conversion = _conversion_for(type(layer))
+        if conversion.revert_to is None:
+            return None, None
+        return conversion.revert_to, _own_forward_problem(layer, base)
+    return None, None
+
+
+def _check_all(module: nn.Module, caller: str, expected: str, problem_of: Callable) -> None:
+    """Raise one error for every layer ``problem_of`` objects to, before anything is replaced."""
+    problems: List[Tuple[str, str]] = []
+    for path, layer in module.named_modules():
+        problem = problem_of(layer)
+        if problem is not None:
+            problems.append((path, problem))
+    if not problems:
+        return
+    path, problem = problems[0]
+    where = f"'{path}'" if path else "the root"
+    others = [f"'{other}'" for other, _ in problems[1:]]
+    more = "" if not others else f"; {len(others)} more: {', '.join(others[:3])}" + (", ..." if len(others) > 3 else "")
+    raise ValueError(
+        f"{caller} expected {expected} ({problem.format(where=where, more=more)}; nothing was changed"
+    )
+
+
+def _carry(source: _BatchNorm, target: SyncBatchNorm) -> SyncBatchNorm:
+    """Move ``source``'s state into the freshly built ``target``.
+
+    Sharing the parameter and buffer objects (not copying them) keeps ``requires_grad``, device,
+    dtype, the model's state_dict, and any optimizer or DDP reducer that already holds them. Child
+    modules and attributes ``target`` lacks (a subclass's own settings, ``qconfig``) come along so that
+    revert can rebuild the original. Hooks registered on ``source`` stay behind, as in torch's converter.
+    """
+    target._parameters.update(source._parameters)
+    target._buffers.update(source._buffers)
+    target._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+    target._modules.update(source._modules)
+    target.training = source.training  # not .train(): child modules keep their own mode
+    own = vars(target)
+    for name, value in vars(source).items():
+        if name not in own:
+            own[name] = value
     return target
+
+
+@functools.lru_cache(maxsize=None)
+def _synced_only_attributes(synced_class: type) -> frozenset:
+    """Instance attributes a fresh ``synced_class`` layer has and a plain BatchNorm lacks."""
+    plain = vars(BatchNormNd(1, device="meta"))
+    return frozenset(vars(synced_class(1, device="meta"))) - frozenset(plain) | {"_original_class"}
+
+
+def _rebuild(layer: _BatchNorm, plain_class: type) -> _BatchNorm:
+    """A ``plain_class`` layer with ``layer``'s state, built as ``copy.copy`` builds a module (no
+    ``__init__``: the original class's constructor arguments are not known)."""
+    synced_base = SyncBatchNorm if isinstance(layer, SyncBatchNorm) else nn.SyncBatchNorm
+    drop = _synced_only_attributes(type(layer) if synced_base is SyncBatchNorm else synced_base)
+    plain = plain_class.__new__(plain_class)
+    for name, value in vars(layer).items():
+        if name not in drop:
+            # Own dicts (parameters, buffers, hooks) and sets, same objects inside.
+            plain.__dict__[name] = copy.copy(value) if isinstance(value, (dict, set)) else value
+    return plain
 
 
 def _replace_modules(module: nn.Module, make, memo: Dict[int, nn.Module]) -> nn.Module:
@@ -64,14 +267,29 @@ def _replace_modules(module: nn.Module, make, memo: Dict[int, nn.Module]) -> nn.
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: comm.ProcessGroup = None) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d (and ``torch.nn.SyncBatchNorm``) in ``module`` by
-    :class:`syncnorm.SyncBatchNorm`, and return the converted module.
+    """Replace every BatchNorm layer in ``module`` by its synced form and return the converted module.
+
+    A converted layer computes what the original computed, except that its batch statistics span all
+    ranks of ``process_group``:
+
+    - ``BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and their subclasses that do not override
+      ``forward`` become :class:`syncnorm.SyncBatchNorm`;
+    - timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` become
+      :class:`syncnorm.integrations.timm.SyncBatchNormAct2d`, which keeps their ``act`` and ``drop``
+      modules (nothing to import: the walkers load the integration once timm is imported);
+    - classes registered with :func:`syncnorm.register_conversion` become their registered form;
+    - frozen layers (``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``) and syncnorm's own layers
+      stay as they are.
+
+    ``ValueError`` (naming the class and its path in the model; nothing is changed) for any other
+    BatchNorm subclass with its own ``forward``, for a lazy BatchNorm that has not run a forward pass
+    yet, and for parametrized BatchNorm layers.
 
     The root itself is converted if it is a BatchNorm, and the walk goes through any container,
-    ``DistributedDataParallel`` included. Converted layers take over the original parameter and buffer
-    objects, so ``requires_grad``, device, dtype, train/eval mode, the model's ``state_dict`` and any
-    optimizer built before the call are all unchanged. Children are replaced in place; use the return
-    value, which differs from ``module`` only when the root is a BatchNorm.
+    ``DistributedDataParallel`` included. Converted layers take over the original parameter, buffer and
+    child-module objects, so ``requires_grad``, device, dtype, train/eval mode, the model's
+    ``state_dict`` and any optimizer built before the call are all unchanged. Children are replaced in
+    place; use the return value, which differs from ``module`` only when the root is a BatchNorm.
 
     Convert before wrapping the model in ``DistributedDataParallel``, so DDP sees the final layers.
 
@@ -85,17 +303,20 @@ def convert_sync_batchnorm(module: nn.Module, process_group: comm.ProcessGroup =
         >>> model = syncnorm.convert_sync_batchnorm(torchvision.models.resnet18())
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
+    _load_integrations()
+    _check_all(module, "convert_sync_batchnorm", "BatchNorm layers it can sync exactly", _convert_problem)
 
     def make(layer: nn.Module) -> Optional[nn.Module]:
-        if not isinstance(layer, _CONVERTIBLE) or isinstance(layer, nn.modules.lazy.LazyModuleMixin):
+        if not isinstance(layer, _BatchNorm) or isinstance(layer, SyncBatchNorm):
             return None
-        synced = SyncBatchNorm(
+        _, conversion = _conversion_for(type(layer))
+        synced = conversion.synced(
             layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
             process_group=process_group, device="meta",
         )
-        # Remember what to give back in revert_sync_batchnorm (torch's SyncBN is not "plain").
-        synced._original_class = type(layer) if isinstance(layer, _PLAIN_BATCHNORM) else None
-        return _transfer_state(layer, synced)
+        _carry(layer, synced)
+        synced._original_class = conversion.revert_to or type(layer)  # what revert gives back
+        return synced
 
     return _replace_modules(module, make, {})
 
@@ -105,9 +326,13 @@ def revert_sync_batchnorm(module: nn.Module, inplace: bool = False) -> nn.Module
     replaced by a plain, local BatchNorm, for inference, export or single-process use.
 
     A layer made by :func:`convert_sync_batchnorm` gets its original class back (e.g.
-    ``BatchNorm2d``); any other becomes :class:`syncnorm.convert.BatchNormNd`, which accepts 2D to 5D
-    input. Values of parameters and buffers, ``requires_grad``, train/eval mode and the ``state_dict``
-    keys are kept.
+    ``BatchNorm2d``, a subclass, timm's ``BatchNormAct2d`` with its very ``act`` and ``drop``); one
+    converted from ``torch.nn.SyncBatchNorm``, and any other, becomes
+    :class:`syncnorm.convert.BatchNormNd`, which accepts 2D to 5D input. timm's ``SyncBatchNormAct``
+    becomes ``BatchNormAct2d``, and a class registered with a ``revert_to`` becomes that class.
+    Values of parameters and buffers, ``requires_grad``, train/eval mode and the ``state_dict`` keys
+    are kept. ``ValueError`` (nothing is changed) for a synced subclass with its own ``forward``
+    whose plain form is unknown.
 
     What is shared with ``module``:
 
@@ -131,6 +356,11 @@ def revert_sync_batchnorm(module: nn.Module, inplace: bool = False) -> nn.Module
         >>> model = syncnorm.revert_sync_batchnorm(ddp_model.module).eval()   # a copy
         >>> torch.onnx.export(model, (example,), "model.onnx")
     """
+    _load_integrations()
+    _check_all(
+        module, "revert_sync_batchnorm", "synced layers whose plain form it knows",
+        lambda layer: _revert_class(layer)[1],
+    )
     if not inplace:
         if isinstance(module, nn.parallel.DistributedDataParallel):
             raise TypeError(
@@ -152,13 +382,7 @@ def revert_sync_batchnorm(module: nn.Module, inplace: bool = False) -> nn.Module
             ) from error
 
     def make(layer: nn.Module) -> Optional[nn.Module]:
-        if not isinstance(layer, (SyncBatchNorm, nn.SyncBatchNorm)):
-            return None
-        plain_class: Type[_BatchNorm] = getattr(layer, "_original_class", None) or BatchNormNd
-        plain = plain_class(
-            layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
-            device="meta",
-        )
-        return _transfer_state(layer, plain)
+        plain_class, _ = _revert_class(layer)
+        return None if plain_class is None else _rebuild(layer, plain_class)
 
     return _replace_modules(module, make, {})
