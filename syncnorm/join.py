@@ -346,8 +346,11 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
         session.check_pending = mine.item() != 0
         hooks = []
         if ddp is None:
-            # Join requires its first Joinable to announce every iteration before its collectives.
-            hooks.append(root.register_forward_pre_hook(lambda module, args: Join.notify_join_context(joinable)))
+            def announce(module: nn.Module, args: tuple) -> None:
+                # Join requires its first Joinable to announce every iteration before its collectives.
+                Join.notify_join_context(joinable)
+
+            hooks.append(root.register_forward_pre_hook(announce))
         else:
             _patch_ddp(ddp, session)
         hooks.append(root.register_forward_pre_hook(session.begin_iteration))

@@ -1,0 +1,227 @@
+"""syncnorm.join: ranks with different numbers of batches train exactly as one process that runs, at each
+step, BatchNorm on the concatenation of the batches of the ranks still running (DDP's Join gradient
+semantics), with running statistics identical on every rank; errors reach every rank."""
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import syncnorm
+from syncnorm.testing import RankFailure, run_ranks
+
+LR = 0.1
+# DDP's switch for the per-forward buffer broadcast (torch 2.14 renamed it). Off in these tests, so
+# that identical running statistics at the end come from the stand-in, not from DDP's broadcasts.
+_NO_BUFFER_SYNC = {
+    ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+     else "broadcast_buffers"): False
+}
+
+
+def _net(norm):
+    """BN first (its input needs no gradient: no backward sum), then one inside (backward sum)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        norm(3), nn.Linear(3, 4), norm(4), nn.ReLU(inplace=True), nn.Linear(4, 2)
+    ).double()
+
+
+def _batch(rank, epoch, step, size, features=3):
+    generator = torch.Generator().manual_seed(1000 * epoch + 10 * step + rank)
+    return torch.randn(size, features, generator=generator, dtype=torch.float64) * 2 + 1
+
+
+def _loss(out):
+    # Quadratic, so that the backward sums of the inner BN are not trivially zero; a sum, so that an
+    # empty batch adds nothing (a mean over an empty batch is NaN).
+    return (out ** 2).sum() + out[:, 0].sum()
+
+
+def _state(net):
+    return [p.detach().clone() for p in net.parameters()], [b.clone() for b in net.buffers()]
+
+
+def _reference(epochs, world, divide_by_initial=True, grad=True, owners=None):
+    """One process: at each step, BatchNorm on the concatenated batches of the ranks still running.
+
+    ``owners``: with ZeroRedundancyOptimizer, the rank that updates each parameter; torch's ZeRO join
+    hook steps a rank's shard with that rank's own gradients, which it no longer has once it ran out,
+    so that shard stays as it is while its owner stands in.
+    """
+    net = _net(nn.BatchNorm1d)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    outputs = [[] for _ in range(world)]
+    for epoch, sizes in enumerate(epochs):
+        for step in range(max(len(s) for s in sizes)):
+            active = [r for r in range(world) if step < len(sizes[r])]
+            pieces = [_batch(r, epoch, step, sizes[r][step]) for r in active]
+            with torch.set_grad_enabled(grad):
+                out = net(torch.cat(pieces))
+            for r, piece in zip(active, out.split([p.size(0) for p in pieces])):
+                outputs[r].append(piece.detach())
+            if grad:
+                _loss(out).backward()
+                # DDP sums the running ranks' gradients (the rest contribute zero) and divides by the
+                # initial world size, or by the number of running ranks.
+                divisor = world if divide_by_initial else len(active)
+                for i, p in enumerate(net.parameters()):
+                    p.grad /= divisor
+                    if owners is not None and owners[i] not in active:
+                        p.grad = None
+                optimizer.step()
+                optimizer.zero_grad()
+    return outputs, _state(net)
+
+
+def _train_rank(rank, world, epochs, zero=False, join_kwargs=None):
+    net = _net(syncnorm.SyncBatchNorm)
+    model = DistributedDataParallel(net, **_NO_BUFFER_SYNC)
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=LR)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    outputs = []
+    for epoch, sizes in enumerate(epochs):
+        joinables = [optimizer] if zero else []
+        with syncnorm.join(model, *joinables, **(join_kwargs or {})):
+            for step, size in enumerate(sizes[rank]):
+                out = model(_batch(rank, epoch, step, size))
+                _loss(out).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                outputs.append(out.detach())
+    if zero:
+        mine = [q for group in optimizer.optim.param_groups for q in group["params"]]
+        return outputs, _state(net), [i for i, p in enumerate(net.parameters()) if any(p is q for q in mine)]
+    return outputs, _state(net)
+
+
+def _owners(results):
+    """Which rank's ZeroRedundancyOptimizer shard holds each parameter."""
+    return {i: rank for rank, result in enumerate(results) for i in result[2]}
+
+
+def _check(results, reference):
+    ref_outputs, (ref_params, ref_buffers) = reference
+    for rank, (outputs, (params, buffers), *_) in enumerate(results):
+        assert len(outputs) == len(ref_outputs[rank])
+        for out, ref in zip(outputs, ref_outputs[rank]):
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+        for p, ref in zip(params, ref_params):
+            torch.testing.assert_close(p, ref, rtol=0, atol=1e-10)
+        for b, ref in zip(buffers, ref_buffers):
+            torch.testing.assert_close(b, ref, rtol=0, atol=1e-10)  # num_batches_tracked included
+        for b, first in zip(buffers, results[0][1][1]):
+            assert torch.equal(b, first), "running statistics differ between ranks"
+
+
+# Batch sizes per rank and step: rank 0 runs out after 3 steps, its last batch empty; rank 1 runs 5.
+TWO_RANKS = [[[4, 3, 0], [2, 5, 3, 4, 2]]]
+# Two epochs on 3 ranks: ranks run out at different steps; in the second epoch rank 0 has no batch at
+# all and stands in with the iteration it recorded in the first.
+THREE_RANKS = [[[2, 3], [3, 2, 4, 2], [1, 3, 2]], [[], [2, 3, 2], [3]]]
+
+
+def test_two_ranks_uneven_batches_match_one_process():
+    results = run_ranks(_train_rank, 2, TWO_RANKS, timeout=120, pg_timeout=30)
+    _check(results, _reference(TWO_RANKS, 2))
+
+
+def test_three_ranks_two_epochs_rank_without_batches_matches_one_process():
+    results = run_ranks(_train_rank, 3, THREE_RANKS, timeout=120, pg_timeout=30)
+    _check(results, _reference(THREE_RANKS, 3))
+
+
+def test_zero_redundancy_optimizer_joins_too():
+    results = run_ranks(_train_rank, 2, TWO_RANKS, True, timeout=120, pg_timeout=30)
+    _check(results, _reference(TWO_RANKS, 2, owners=_owners(results)))
+
+
+@pytest.mark.slow
+def test_divide_by_running_ranks():
+    kwargs = {"divide_by_initial_world_size": False}
+    results = run_ranks(_train_rank, 3, THREE_RANKS, False, kwargs, timeout=120, pg_timeout=30)
+    _check(results, _reference(THREE_RANKS, 3, divide_by_initial=False))
+
+
+@pytest.mark.slow
+def test_zero_redundancy_optimizer_three_ranks():
+    results = run_ranks(_train_rank, 3, THREE_RANKS, True, timeout=120, pg_timeout=30)
+    _check(results, _reference(THREE_RANKS, 3, owners=_owners(results)))
+
+
+def _forward_only_rank(rank, world, epochs):
+    """No DDP, no gradients: a model in training mode whose forward passes move the running statistics
+    (what a precise-BN pass does)."""
+    net = _net(syncnorm.SyncBatchNorm)
+    outputs = []
+    with torch.no_grad():
+        for epoch, sizes in enumerate(epochs):
+            with syncnorm.join(net):
+                for step, size in enumerate(sizes[rank]):
+                    outputs.append(net(_batch(rank, epoch, step, size)))
+    return outputs, _state(net)
+
+
+def test_forward_only_model_without_ddp():
+    epochs = [[[3, 4], [2, 2, 5, 3]]]
+    results = run_ranks(_forward_only_rank, 2, epochs, timeout=120, pg_timeout=30)
+    _check(results, _reference(epochs, 2, grad=False))
+
+
+def _bad_input_rank(rank, world, counts, bad_rank, bad_step):
+    model = DistributedDataParallel(_net(syncnorm.SyncBatchNorm))
+    with syncnorm.join(model):
+        for step in range(counts[rank]):
+            features = 5 if (rank, step) == (bad_rank, bad_step) else 3
+            _loss(model(_batch(rank, 0, step, 4, features))).backward()
+
+
+@pytest.mark.parametrize("world, counts, bad_rank", [
+    (2, [1, 3], 1),
+    pytest.param(3, [1, 3, 2], 1, marks=pytest.mark.slow),
+])
+def test_bad_input_on_a_running_rank_fails_every_rank(world, counts, bad_rank):
+    # The bad batch comes after another rank ran out: that rank learns of it in its stand-in.
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_bad_input_rank, world, counts, bad_rank, 2, timeout=90, pg_timeout=60)
+    text = str(failure.value)
+    assert f"{world} of {world} ranks failed" in text
+    assert "no result" not in text and "Timed out" not in text  # every rank raised, none waited
+    assert "expected input with 3 channels" in text
+    assert text.count(f"invalid input on rank(s) {bad_rank}") == world - 1
+
+
+def _no_batch_first_rank(rank, world):
+    model = DistributedDataParallel(_net(syncnorm.SyncBatchNorm))
+    with syncnorm.join(model):
+        for step in range(rank):  # rank 0 has no batch, and nothing was recorded before
+            _loss(model(_batch(rank, 0, step, 4))).backward()
+
+
+def test_rank_without_any_iteration_to_repeat_fails_every_rank():
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_no_batch_first_rank, 2, timeout=90, pg_timeout=60)
+    text = str(failure.value)
+    assert "2 of 2 ranks failed" in text and "no result" not in text
+    assert text.count("got none on rank(s) 0") == 2
+
+
+def test_compiled_model_is_one_clear_error():
+    net = _net(syncnorm.SyncBatchNorm)
+    with pytest.raises(ValueError, match="expected an eager model"):
+        with syncnorm.join(torch.compile(net)):
+            pass
+
+
+def test_one_process_is_plain():
+    net = _net(syncnorm.SyncBatchNorm)
+    reference = _net(nn.BatchNorm1d)
+    x = _batch(0, 0, 0, 5)
+    with syncnorm.join(net):
+        torch.testing.assert_close(net(x), reference(x), rtol=0, atol=1e-12)
