@@ -2,10 +2,13 @@
 Ctrl-C, the per-rank logs, unwrapped output, the thread default, train.compile."""
 
 import json
+import math
 import os
+import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -291,3 +294,258 @@ def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_the_write(tmp_p
     except RuntimeError as error:
         assert _during_interrupt(error)
     assert not _during_interrupt(RuntimeError("Connection closed by peer"))
+
+
+# --------------------------------------------------------------------------- resume keeps the run's settings
+
+
+def _launch(capsys, *argv):
+    """launch/train.py in-process with exactly ``argv`` after --config; (exit status, stdout, stderr)."""
+    code = load_launcher().main(["--config", LENET, *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _cosine_lr(epoch, epochs, base=0.1):
+    """configs/lenet.yaml's schedule in closed form: the rate after ``epoch`` of ``epochs``."""
+    return base * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def test_resume_continues_the_run_as_it_was_configured(capsys, tmp_path):
+    """A run started with --set train.epochs=2 and stopped after epoch 1, resumed with --resume auto alone
+    (configs/lenet.yaml says 5 epochs), trains epoch 2 and stops there; a contradicting --set is one line;
+    more epochs stretch the cosine schedule; a finished run changes no file but its log and curves.png."""
+    out = tmp_path / "run"
+    run = [*TINY, "--set", f"output_dir={out}"]
+    code, stdout, err = _launch(capsys, *run, "--set", "train.epochs=2")
+    assert code == 0, err
+    assert stdout.count("warning: model.norm=syncbn in one process: nothing syncs") == 1
+    (out / "ckpt_epoch2.pt").unlink()  # as if killed during epoch 2's checkpoint: epoch 1 is the last
+
+    code, stdout, err = _launch(capsys, *run, "--resume", "auto")
+    assert code == 0 and err == "", err
+    assert f"resumed from {out / 'ckpt_epoch1.pt'} (epoch 1 done)" in stdout and "nothing to do" not in stdout
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2] and [e for e, _ in ckpt.list_checkpoints(str(out))] == [1, 2]
+    assert load_config(str(out / "config.yaml")).train.epochs == 2
+
+    for extra, fragment in [(["--set", "train.lr=0.5"], "--set train.lr=0.5: the run in"),
+                            (["--set", "model.norm=bn"], "--set model.norm=bn: the run in"),
+                            (["--set", "train.epochs=1"], "train.epochs: expected at least 2")]:
+        code, stdout, err = _launch(capsys, *run, "--resume", "auto", *extra)
+        assert code == 2 and fragment in _one_error_line(err), (extra, err)
+    assert "was configured with train.lr=0.1" in _launch(capsys, *run, "--resume", "auto", "--set", "train.lr=0.5")[2]
+
+    kept = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "ckpt_epoch2.pt")}
+    log_lines = len((out / "logs" / "rank0.log").read_text().splitlines())
+    code, stdout, err = _launch(capsys, *run, "--resume", "auto")
+    assert code == 0 and stdout.startswith(f"nothing to do: epoch 2 of 2 done ({out / 'ckpt_epoch2.pt'})"), stdout
+    assert {name: (out / name).read_bytes() for name in kept} == kept  # docs/launcher.md: nothing else changes
+    log = (out / "logs" / "rank0.log").read_text().splitlines()
+    assert len(log) > log_lines and "nothing to do: epoch 2 of 2" in log[-1]
+
+    code, stdout, err = _launch(capsys, *run, "--resume", "auto", "--set", "train.epochs=4")
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    # Epochs 1-2 followed the cosine over 2 epochs, epochs 3-4 the cosine over 4 (metrics hold the rate after
+    # each epoch's scheduler step).
+    expected = [_cosine_lr(1, 2), _cosine_lr(2, 2), _cosine_lr(3, 4), _cosine_lr(4, 4)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, abs=1e-12)
+    assert load_config(str(out / "config.yaml")).train.epochs == 4
+
+
+# --------------------------------------------------------------------------- up-front checks
+
+
+def test_a_half_set_torchrun_environment_is_one_line_from_every_process(capsys, monkeypatch, tmp_path):
+    from syncnorm.train.preflight import LaunchEnvironmentError, check_launch_environment
+
+    check_launch_environment({})  # one plain process
+    check_launch_environment({"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})  # exported by a cluster shell
+    check_launch_environment({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                              "MASTER_PORT": "29500"})  # what torchrun sets
+    check_launch_environment({"RANK": "0", "WORLD_SIZE": "1"})
+    for env, fragment in [({"WORLD_SIZE": "2"}, "WORLD_SIZE=2, but RANK, MASTER_ADDR, MASTER_PORT are not set"),
+                          ({"RANK": "0"}, "RANK=0, but WORLD_SIZE is not set"),
+                          ({"LOCAL_RANK": "0"}, "but RANK, WORLD_SIZE are not set"),
+                          ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"},
+                           "expected 0 <= RANK < WORLD_SIZE=2 (got 2)"),
+                          ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK: expected an integer (got 'x')")]:
+        with pytest.raises(LaunchEnvironmentError, match=re.escape(fragment)):
+            check_launch_environment(env)
+
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for env in ({"WORLD_SIZE": "2"}, {"WORLD_SIZE": "2", "RANK": "1"}):  # rank 1 speaks too: it is alone
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        code, stdout, err = _run(capsys, tmp_path / "run")
+        assert code == 2 and stdout == ""
+        assert "torchrun's environment is half set" in _one_error_line(err) and "torchrun --nproc_per_node=N" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_per_rank_batch_of_one_into_batchnorm_is_one_line_before_any_step(capsys, tmp_path):
+    from torch import nn
+
+    from syncnorm.train.models import build_model
+    from syncnorm.train.preflight import check_batch_norm_batch
+
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # what torch would say later
+        nn.BatchNorm1d(3).train()(torch.zeros(1, 3))
+    code, stdout, err = _run(capsys, tmp_path / "run", "--set", "train.batch_size=1")
+    assert code == 2 and stdout == ""
+    line = _one_error_line(err)
+    assert "train.batch_size: expected at least 2 samples per BatchNorm batch in training (got 1 in one process" in line
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run dir was written
+    code, stdout, err = _run(capsys, tmp_path / "gn", "--set", "train.batch_size=1", "--set", "model.norm=gn")
+    assert code == 0, err  # no BatchNorm: a batch of 1 trains
+    synced = build_model("lenet", norm="syncbn")
+    check_batch_norm_batch(synced, 1, (1, 28, 28), world_size=2)  # synced over 2 ranks: 2 values per channel
+    with pytest.raises(ConfigError, match="got 1 in each rank"):
+        check_batch_norm_batch(build_model("lenet", norm="bn"), 1, (1, 28, 28), world_size=2)
+    check_batch_norm_batch(build_model("resnet18", norm="bn", in_shape=(3, 32, 32)), 1, (3, 32, 32), world_size=1)
+
+
+# --------------------------------------------------------------------------- files, checkpoints, output
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_run_files_follow_the_umask(capsys, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        out = tmp_path / "run"
+        code, _, err = _run(capsys, out)
+        assert code == 0, err
+        exported = tmp_path / "plain.pt"
+        assert load_launcher("eval").main(["--checkpoint", str(out), "--export", str(exported)]) == 0
+        reference = tmp_path / "reference"
+        with open(reference, "w"):  # what open() gives under this umask
+            pass
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE(os.stat(reference).st_mode)
+    assert expected == 0o666 & ~umask
+    files = [out / "config.yaml", out / "metrics.jsonl", out / "ckpt_epoch1.pt", out / "curves.png",
+             out / "logs" / "rank0.log", exported]
+    assert {f.name: oct(stat.S_IMODE(os.stat(f).st_mode)) for f in files} == {f.name: oct(expected) for f in files}
+
+
+def test_eval_of_a_file_that_is_not_a_checkpoint_says_so(capsys, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  name: lenet\n")
+    assert load_launcher("eval").main(["--checkpoint", str(config)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {config} is not a syncnorm checkpoint (expected a ckpt_epoch{{N}}.pt")
+    assert "refused" not in line and "trust" not in line
+
+
+def test_progress_bar_and_hints_at_80_columns():
+    """Before the first step the bar shows no NaN and no 0 samples/s; a hint longer than the terminal is
+    printed as one line (the terminal folds it on screen; a copy is the whole command)."""
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    reporter = Reporter(console=Console(file=buffer, force_terminal=True, width=80, color_system=None))
+    with reporter.epoch_progress(1, 5, 31) as advance:
+        first = buffer.getvalue()
+        advance(0.6931, 4354.2)
+    assert "0/31 loss - - samples/s" in first and "nan" not in first.lower()
+    command = "/a/long/venv/bin/python /a/long/checkout/launch/eval.py --checkpoint runs/lenet/ckpt_epoch5.pt"
+    buffer.seek(0)
+    buffer.truncate()
+    reporter.summary([("evaluate", command)])
+    reporter.info(f"to continue: {command} --resume auto")
+    assert f"evaluate {command}\n" in buffer.getvalue() and f"to continue: {command} --resume auto\n" in buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- curves.png
+
+
+def test_each_run_draws_its_curves_and_a_resumed_run_redraws_them(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="curves.png needs matplotlib: pip install -e '.[train]'")
+    from syncnorm.train import curves
+
+    out = tmp_path / "run"
+    code, stdout, err = _run(capsys, out, epochs=2)
+    assert code == 0, err
+    png = (out / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and "curves.png" in stdout  # named in the summary's run dir line
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    fig = curves.figure(curves.read_metrics(str(out)))
+    drawn = {(axes.get_title(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
+             for axes in fig.axes for line in axes.get_lines()}
+    assert drawn == {
+        ("loss", "train"): ([1, 2], [r["train_loss"] for r in rows]),
+        ("loss", "test"): ([1, 2], [r["test_loss"] for r in rows]),
+        ("accuracy", "train"): ([1, 2], [100 * r["train_acc"] for r in rows]),
+        ("accuracy", "test"): ([1, 2], [100 * r["test_acc"] for r in rows]),
+    }
+
+    code, stdout, err = _launch(capsys, *TINY, "--set", f"output_dir={out}", "--resume", "auto",
+                                "--set", "train.epochs=3")
+    assert code == 0, err
+    assert (out / "curves.png").read_bytes() != png  # redrawn with epoch 3
+    assert len(curves.figure(curves.read_metrics(str(out))).axes[0].get_lines()[0].get_xdata()) == 3
+
+    (out / "curves.png").unlink()
+    assert load_launcher("curves").main([str(out)]) == 0  # any run directory, drawn again
+    assert capsys.readouterr().out.strip() == str(out / "curves.png") and (out / "curves.png").exists()
+    assert load_launcher("curves").main([str(tmp_path)]) == 2
+    assert "expected a run directory with a metrics.jsonl" in _one_error_line(capsys.readouterr().err)
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import raises ImportError
+    code, stdout, err = _run(capsys, tmp_path / "bare")
+    assert code == 0 and err == "", err
+    assert stdout.count(f"warning: {curves.MISSING_MATPLOTLIB}") == 1
+    assert not (tmp_path / "bare" / "curves.png").exists() and "curves.png" not in stdout.split("warning")[0]
+
+
+# --------------------------------------------------------------------------- under torchrun
+
+
+def test_under_torchrun_a_failure_ends_with_our_line_and_its_exit_status(tmp_path):
+    """Plain torchrun shows the failed rank's line as its root cause (from the error file), where it
+    used to say "To enable traceback see"; launch/run.py (torchrun, same options) ends with that one
+    line and exits with the rank's status instead of torchrun's traceback and status 1."""
+    bad = ["--config", LENET, "--set", "train.epochs=0", "--set", f"output_dir={tmp_path / 'run'}"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    commands = {
+        "torchrun": [torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", LAUNCHER, *bad],
+        "run.py": [sys.executable, os.path.join(ROOT, "launch", "run.py"), "--nproc_per_node=2",
+                   f"--master_port={free_port()}", LAUNCHER, *bad],
+    }
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {name: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    cwd=str(tmp_path), env=env) for name, command in commands.items()}
+    results = {name: (proc.communicate(timeout=180), proc.returncode) for name, proc in procs.items()}
+    line = "error: --set train.epochs=0: train.epochs: expected an integer >= 1 (got 0)"
+
+    (stdout, stderr), code = results["torchrun"]
+    assert code == 1 and "ChildFailedError" in stderr  # torchrun's own ending, which we cannot change
+    root_cause = stderr.split("Root Cause (first observed failure):")[1]
+    assert f"traceback : {line}" in root_cause and "To enable traceback" not in root_cause, stderr
+
+    (stdout, stderr), code = results["run.py"]
+    assert code == 2, stderr
+    assert stderr.strip().splitlines()[-1] == line and "Traceback" not in stderr and "ChildFailedError" not in stderr
+    assert (stdout + stderr).count("error: ") == 1, stdout + stderr  # the workers leave the line to run.py
+
+
+def test_the_torchrun_summary_line_for_each_kind_of_failure():
+    from types import SimpleNamespace
+
+    from syncnorm.train.elastic import _failure_line
+
+    ours = SimpleNamespace(message={"message": "x", "extraInfo": {"py_callstack": "error: bad key"}}, exitcode=2,
+                           pid=7, signal_name=lambda: "<N/A>")
+    assert _failure_line(1, ours) == "bad key"
+    killed = SimpleNamespace(message="Signal 9 (SIGKILL) received by PID 7", exitcode=-9, pid=7,
+                             signal_name=lambda: "SIGKILL")
+    assert _failure_line(1, killed).startswith("rank 1 was killed by SIGKILL (pid 7)")
+    bug = SimpleNamespace(message={"message": "x", "extraInfo": {"py_callstack": "Traceback ...\nKeyError: 'w'"}},
+                          exitcode=1, pid=7, signal_name=lambda: "<N/A>")
+    assert _failure_line(0, bug) == "rank 0 exited with status 1 (KeyError: 'w'); its traceback or message is above"

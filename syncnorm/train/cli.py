@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from syncnorm.train.config import load_config
+from syncnorm.train.elastic import parent_says_failure, record_failure
 from syncnorm.train.distributed import default_threads, env_int
 from syncnorm.train import rundir
 from syncnorm.train.errors import CollectiveError, ConfigError, Interrupted, TrainingError
@@ -64,31 +65,33 @@ def run_training(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``launch/train.py``: run, and say a failure in one line (see the module docstring for exit codes)."""
+    """``launch/train.py``: run, and say a failure in one line (see the module docstring for exit codes).
+    Under torchrun each failed rank also writes its line to torchrun's error file
+    (:mod:`syncnorm.train.elastic`); under ``launch/run.py`` that wrapper prints it instead."""
     try:
         return run_training(argv)
     except ConfigError as error:
         # Every rank fails alike: said once, or once per node when it concerns each node
-        # (NetworkError, SharedStorageError set every_node).
-        if rank_zero() or getattr(error, "every_rank", False) or (
-                getattr(error, "every_node", False) and os.environ.get("LOCAL_RANK", "0") == "0"):
-            error_line(str(error))
-        return 2
+        # (NetworkError, SharedStorageError set every_node), or by every process (a broken environment).
+        return _failed(str(error), 2, rank_zero() or getattr(error, "every_rank", False) or (
+            getattr(error, "every_node", False) and os.environ.get("LOCAL_RANK", "0") == "0"))
     except CollectiveError as error:  # each surviving rank has its own view (rank 0 may be the lost one)
-        error_line(_with_log(error))
-        return 1
+        return _failed(_with_log(error), 1, True)
     except Interrupted as error:  # every rank got the signal (torchrun passes Ctrl-C on): say it once
-        if rank_zero():
-            error_line(_with_log(error))
-        return 130
+        # launch/run.py ends quietly on Ctrl-C (torchrun's SignalException): rank 0 says where it stopped.
+        return _failed(_with_log(error), 130, rank_zero(), even_under_wrapper=True)
     except TrainingError as error:  # all ranks agree (e.g. a non-finite loss): say it once
-        if rank_zero():
-            error_line(_with_log(error))
-        return 1
+        return _failed(_with_log(error), 1, rank_zero())
     except KeyboardInterrupt:  # before the run started
-        if rank_zero():
-            error_line("interrupted before the run started")
-        return 130
+        return _failed("interrupted before the run started", 130, rank_zero(), even_under_wrapper=True)
+
+
+def _failed(line: str, code: int, say: bool, even_under_wrapper: bool = False) -> int:
+    """Report a failure: torchrun's error file, the ``error:`` line when this process says it; ``code``."""
+    record_failure(line)
+    if say and (even_under_wrapper or not parent_says_failure()):
+        error_line(line)
+    return code
 
 
 def rank_zero() -> bool:
