@@ -46,7 +46,10 @@ class _LayerStats:
         input = args[0]
         if not isinstance(input, Tensor) or input.dim() < 2 or input.numel() == 0:
             return  # the layer's own forward reports a bad input; an empty one adds nothing
-        count, mean, var = stats.local_stats(input.detach().to(torch.float64))
+        # Per batch in the layer's own statistics dtype (float32 for float32 and half inputs, as BatchNorm
+        # computes them; float64 for float64), across batches and ranks in float64.
+        count, mean, var = stats.local_stats(input.detach())
+        mean, var = mean.to(torch.float64), var.to(torch.float64)
         if self.count == 0:
             self.count, self.mean, self.var = count, mean, var
             return
