@@ -222,3 +222,190 @@ def test_classmethod_alias_works_like_torchs_idiom():
     assert model[1].process_group == "sentinel-group"
     assert type(syncnorm.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(3))) is syncnorm.SyncBatchNorm
     assert _classes(syncnorm.revert_sync_batchnorm(model)) == [nn.BatchNorm2d]
+
+
+# --- which layers convert, which raise, and the registry --------------------------------------------
+
+
+class _DoubledBatchNorm(nn.BatchNorm2d):
+    """A subclass with its own forward: syncing it as plain BatchNorm would drop the doubling."""
+
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+class _TaggedBatchNorm(nn.BatchNorm1d):
+    """Keeps BatchNorm's forward; its own constructor signature and setting."""
+
+    def __init__(self, tag, num_features):
+        super().__init__(num_features, eps=1e-3)
+        self.tag = tag
+
+
+class _BatchNormXd(_BatchNorm):
+    """mmcv's shape of layer: straight from _BatchNorm, any input rank, BatchNorm's forward."""
+
+    def _check_input_dim(self, input):
+        pass
+
+
+class _NaiveSyncBatchNorm(nn.BatchNorm2d):
+    """detectron2's NaiveSyncBatchNorm shape: its own forward (its own all-reduce there; a local
+    stand-in here) and a setting of its own."""
+
+    def __init__(self, *args, stats_mode="", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stats_mode = stats_mode
+
+    def forward(self, input):
+        return super().forward(input)
+
+
+class _DoubledSyncBatchNorm(syncnorm.SyncBatchNorm):
+    """The synced form of _DoubledBatchNorm."""
+
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Registrations made by a test end with it."""
+    monkeypatch.setattr(syncnorm.convert, "_CONVERSIONS", dict(syncnorm.convert._CONVERSIONS))
+
+
+def test_subclass_with_its_own_forward_raises_naming_it_and_changes_nothing():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4), _DoubledBatchNorm(4)), _DoubledBatchNorm(4),
+    )
+    before = [(name, type(m)) for name, m in model.named_modules()]
+    with pytest.raises(ValueError, match=(
+        r"expected BatchNorm layers it can sync exactly \(got test_convert\._DoubledBatchNorm, which has its own "
+        r"forward instead of _BatchNorm's, at '1\.1'; 1 more: '2'\): register how it syncs with "
+        r"syncnorm\.register_conversion \(docs/integrations\.md.*; nothing was changed"
+    )):
+        syncnorm.convert_sync_batchnorm(model)
+    assert [(name, type(m)) for name, m in model.named_modules()] == before  # not half converted
+    with pytest.raises(ValueError, match=r"at the root"):
+        syncnorm.convert_sync_batchnorm(_DoubledBatchNorm(3))
+
+
+def test_subclasses_that_keep_batchnorms_forward_convert_and_come_back_as_themselves():
+    model = _randomize_bn(nn.Sequential(nn.Linear(3, 4), _TaggedBatchNorm("kept", 4), _BatchNormXd(4))).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    converted = syncnorm.convert_sync_batchnorm(model)
+    assert [type(m) for m in converted[1:]] == [syncnorm.SyncBatchNorm] * 2
+    assert converted[1].tag == "kept" and converted[1].eps == 1e-3  # the subclass's settings travel along
+    # One process: the converted layers compute what the originals computed (training and eval).
+    assert torch.equal(converted(x), reference(x))
+    reverted = syncnorm.revert_sync_batchnorm(converted)
+    assert [type(m) for m in reverted[1:]] == [_TaggedBatchNorm, _BatchNormXd]
+    assert reverted[1].tag == "kept" and not hasattr(reverted[1], "process_group")
+    assert all(torch.equal(reverted.state_dict()[k], v) for k, v in reference.state_dict().items())
+    reverted.eval(), reference.eval()
+    assert torch.equal(reverted(x), reference(x))
+
+
+def test_torch_syncbatchnorm_subclasses():
+    class KeepsForward(nn.SyncBatchNorm):
+        pass
+
+    class OwnForward(nn.SyncBatchNorm):
+        def forward(self, input):
+            return super().forward(input) + 1
+
+    converted = syncnorm.convert_sync_batchnorm(nn.Sequential(KeepsForward(3)))
+    assert type(converted[0]) is syncnorm.SyncBatchNorm
+    assert type(syncnorm.revert_sync_batchnorm(converted)[0]) is BatchNormNd  # a local BatchNorm
+    for walker in (syncnorm.convert_sync_batchnorm, syncnorm.revert_sync_batchnorm):
+        with pytest.raises(ValueError, match=r"OwnForward, which has its own forward instead of SyncBatchNorm's, at '0'"):
+            walker(nn.Sequential(OwnForward(3)))
+
+
+def test_lazy_batchnorm_must_see_one_batch_before_converting():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"got an uninitialized LazyBatchNorm2d at '1'\): run one forward pass"):
+        syncnorm.convert_sync_batchnorm(model)
+    # Nothing to materialize (no affine, no running statistics), still unknown num_features: refused too.
+    with pytest.raises(ValueError, match=r"uninitialized LazyBatchNorm1d at the root"):
+        syncnorm.convert_sync_batchnorm(nn.LazyBatchNorm1d(affine=False, track_running_stats=False))
+    x = torch.randn(4, 3, 6, 6)
+    model(x)  # materialized: torch turns the layer into a plain BatchNorm2d
+    reference = copy.deepcopy(model)
+    converted = syncnorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is syncnorm.SyncBatchNorm and converted[1].num_features == 4
+    assert torch.equal(converted(x), reference(x))
+    assert type(syncnorm.revert_sync_batchnorm(converted)[1]) is nn.BatchNorm2d
+
+
+def test_frozen_parametrized_and_already_synced_layers():
+    from torch.nn.utils import parametrize
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(4)
+    synced = syncnorm.SyncBatchNorm(4)
+    model = nn.Sequential(frozen, synced, nn.BatchNorm2d(4))
+    converted = syncnorm.convert_sync_batchnorm(model)
+    assert converted[0] is frozen and converted[1] is synced and type(converted[2]) is syncnorm.SyncBatchNorm
+    assert syncnorm.convert_sync_batchnorm(converted)[2] is converted[2]  # converting twice changes nothing
+
+    class Positive(nn.Module):
+        def forward(self, weight):
+            return weight.abs()
+
+    parametrized = nn.Sequential(nn.BatchNorm2d(4))
+    parametrize.register_parametrization(parametrized[0], "weight", Positive())
+    with pytest.raises(ValueError, match=r"BatchNorm2d with parametrizations at '0'\): convert before parametrizing"):
+        syncnorm.convert_sync_batchnorm(parametrized)
+
+
+def test_registered_class_converts_and_reverts(registry):
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), _NaiveSyncBatchNorm(4, stats_mode="N")))
+    with pytest.raises(ValueError, match=r"_NaiveSyncBatchNorm, which has its own forward"):
+        syncnorm.convert_sync_batchnorm(model)
+
+    syncnorm.register_conversion(_NaiveSyncBatchNorm)
+    weight = model[1].weight
+    converted = syncnorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is syncnorm.SyncBatchNorm and converted[1].weight is weight
+    reverted = syncnorm.revert_sync_batchnorm(converted)
+    assert type(reverted[1]) is _NaiveSyncBatchNorm and reverted[1]._stats_mode == "N"
+
+    # revert_to: converted layers, and layers of the class that never were converted, become plain.
+    syncnorm.register_conversion(_NaiveSyncBatchNorm, revert_to=nn.BatchNorm2d)
+    assert type(syncnorm.revert_sync_batchnorm(syncnorm.convert_sync_batchnorm(reverted))[1]) is nn.BatchNorm2d
+    unconverted = nn.Sequential(_NaiveSyncBatchNorm(4))
+    assert type(syncnorm.revert_sync_batchnorm(unconverted)[0]) is nn.BatchNorm2d
+
+
+def test_registered_synced_class_computes_what_the_original_did(registry):
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), _DoubledBatchNorm(4))).double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    syncnorm.register_conversion(_DoubledBatchNorm, _DoubledSyncBatchNorm)
+    converted = syncnorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is _DoubledSyncBatchNorm
+    assert torch.equal(converted(x), reference(x))  # training mode, one process: local statistics
+    reverted = syncnorm.revert_sync_batchnorm(converted)
+    assert type(reverted[1]) is _DoubledBatchNorm
+    assert torch.equal(reverted(x), reference(x))
+    # One built directly (not converted) reverts to the class it is registered for.
+    assert type(syncnorm.revert_sync_batchnorm(_DoubledSyncBatchNorm(3))) is _DoubledBatchNorm
+
+
+def test_unknown_synced_subclass_cannot_revert_and_bad_registrations(registry):
+    class Unknown(syncnorm.SyncBatchNorm):
+        def forward(self, input):
+            return super().forward(input) * 3
+
+    with pytest.raises(ValueError, match=r"Unknown, a SyncBatchNorm subclass with its own forward .* at '0'"):
+        syncnorm.revert_sync_batchnorm(nn.Sequential(Unknown(3)), inplace=True)
+    with pytest.raises(TypeError, match=r"expected source to be a torch.nn.modules.batchnorm._BatchNorm subclass \(got GroupNorm\)"):
+        syncnorm.register_conversion(nn.GroupNorm)
+    with pytest.raises(TypeError, match=r"expected synced to be a syncnorm.SyncBatchNorm subclass \(got SyncBatchNorm\)"):
+        syncnorm.register_conversion(_DoubledBatchNorm, nn.SyncBatchNorm)
+    with pytest.raises(TypeError, match=r"already synced"):
+        syncnorm.register_conversion(_DoubledSyncBatchNorm)
+    with pytest.raises(TypeError, match=r"expected a plain revert_to class"):
+        syncnorm.register_conversion(_DoubledBatchNorm, _DoubledSyncBatchNorm, revert_to=_DoubledSyncBatchNorm)

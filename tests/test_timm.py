@@ -149,8 +149,12 @@ def _from_bytes(payload: bytes):
     return torch.load(io.BytesIO(payload), weights_only=False)
 
 
-def _rank_converts(rank, world_size, payload):
-    cases = _from_bytes(payload)
+def _rank_runs(rank, world_size, payload):
+    cases, ddp_case = _from_bytes(payload)
+    return _rank_converts(rank, cases), None if ddp_case is None else _rank_trains_ddp(rank, world_size, *ddp_case)
+
+
+def _rank_converts(rank, cases):
     results = {}
     for name, (model, inputs, upstream) in cases.items():
         acts = {n: (m.act, m.drop) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and hasattr(m, "act")}
@@ -209,7 +213,37 @@ def _check_family(name, original, result, inputs, upstream):
         _assert_close(reverted(x), original(x), f"eval output after revert ({name})")
 
 
-def _run_families(names):
+def _sgd_steps(model, batches, rank=None, world_size=1):
+    """SGD with momentum on cross-entropy. Under DDP (which averages gradients over ranks) each rank's
+    loss is its share of the global mean, so uneven batches give the global batch's gradient."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    for x, target in batches:
+        total = x.size(0)
+        if rank is not None:
+            x, target = _slice(x, rank), _slice(target, rank)
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target, reduction="sum") * world_size / total
+        loss.backward()
+        optimizer.step()
+
+
+def _rank_trains_ddp(rank, world_size, model, batches):
+    """README's recipe: convert, then DDP; train; revert the unwrapped model."""
+    ddp_model = nn.parallel.DistributedDataParallel(syncnorm.convert_sync_batchnorm(model))
+    _sgd_steps(ddp_model, batches, rank, world_size)
+    synced = sum(isinstance(m, SyncBatchNormAct2d) for m in ddp_model.modules())
+    reverted = syncnorm.revert_sync_batchnorm(ddp_model.module)
+    return synced, {k: v.clone() for k, v in ddp_model.module.state_dict().items()}, reverted
+
+
+def _ddp_case():
+    model = _randomize(_timm_model("test_efficientnet"))
+    generator = torch.Generator().manual_seed(4)
+    batches = [(x, torch.randint(0, 5, (x.size(0),), generator=generator)) for x in _data(2)]
+    return model, batches
+
+
+def _run_families(names, ddp=False):
     cases, originals = {}, {}
     for name in names:
         original, to_convert = _case(name)
@@ -220,22 +254,61 @@ def _run_families(names):
         upstream = [torch.randn(out_shape, dtype=torch.float64, generator=generator) for _ in range(STEPS)]
         cases[name] = (to_convert, inputs, upstream)
         originals[name] = original
-    results = run_ranks(_rank_converts, len(SIZES), _by_value(cases), timeout=300, pg_timeout=120)
-    return {name: ([r[name] for r in results], originals[name], cases[name][1], cases[name][2]) for name in names}
+    ddp_case = _ddp_case() if ddp else None
+    results = run_ranks(_rank_runs, len(SIZES), _by_value((cases, ddp_case)), timeout=300, pg_timeout=120)
+    families = {name: ([r[0][name] for r in results], originals[name], cases[name][1], cases[name][2]) for name in names}
+    return families, (ddp_case, [r[1] for r in results])
 
 
 @pytest.fixture(scope="module")
 def default_families():
-    return _run_families(DEFAULT_FAMILIES)
+    """One run of 2 ranks for every default family and the DDP training: starting ranks costs more
+    than the models' steps."""
+    return _run_families(DEFAULT_FAMILIES, ddp=True)
 
 
 @pytest.mark.parametrize("name", DEFAULT_FAMILIES)
 def test_converted_timm_model_equals_original_on_the_global_batch(default_families, name):
-    per_rank, original, inputs, upstream = default_families[name]
+    per_rank, original, inputs, upstream = default_families[0][name]
     _check_family(name, original, per_rank, inputs, upstream)
 
 
 @pytest.mark.slow
 def test_more_timm_families_equal_original_on_the_global_batch():
-    for name, (per_rank, original, inputs, upstream) in _run_families(SLOW_FAMILIES).items():
+    for name, (per_rank, original, inputs, upstream) in _run_families(SLOW_FAMILIES)[0].items():
         _check_family(name, original, per_rank, inputs, upstream)
+
+
+def test_ddp_training_of_a_converted_timm_model_equals_one_process(default_families):
+    (original, batches), per_rank = default_families[1]
+    untrained = copy.deepcopy(original)
+    _sgd_steps(original, batches)  # one process, the global batch, timm's own layers
+    expected = original.state_dict()
+    layers = sum(isinstance(m, BatchNormAct2d) for m in original.modules())
+    for rank, (synced, state, reverted) in enumerate(per_rank):
+        assert synced == layers == 13
+        assert state.keys() == expected.keys()
+        for name, value in expected.items():
+            _assert_close(state[name].double(), value.double(), f"{name} after DDP training (rank {rank})")
+        assert _norm_types(reverted) == _norm_types(original)
+    # Training moved the weights, so the comparison above compared something.
+    assert (expected["conv_stem.weight"] - untrained.state_dict()["conv_stem.weight"]).abs().max() > 1e-3
+    reverted.eval(), original.eval()
+    with torch.no_grad():
+        _assert_close(reverted(batches[0][0]), original(batches[0][0]), "eval output of the reverted DDP model")
+
+
+def test_one_call_needs_no_extra_import_and_syncnorm_does_not_import_timm():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, syncnorm\n"
+        "assert 'timm' not in sys.modules, 'import syncnorm imported timm'\n"
+        "import timm\n"
+        "layer = syncnorm.convert_sync_batchnorm(timm.layers.BatchNormAct2d(3, act_layer='silu'))\n"
+        "print(type(layer).__name__, type(layer.act).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SyncBatchNormAct2d", "SiLU"]
