@@ -3,6 +3,7 @@ commands they show run as printed, and the usage example trains with synced stat
 
 import functools
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -290,12 +291,32 @@ def _usage_snippet():
     return blocks[0]
 
 
-def _run_usage_on_rank(rank, world_size, snippet):
+def _export_snippet():
+    """The README's export example, which goes into the usage example before its destroy call."""
+    wanted = r"\s+".join(re.escape(word) for word in "Export a copy while training goes on: in the usage example "
+                                                         "above, before `dist.destroy_process_group()`".split())
+    match = re.search(wanted + r".*?```python\n(.*?)```", _read(README), re.S)
+    assert match, "README.md: expected the export example ('Export a copy while training goes on: in the usage " \
+                  "example above, before `dist.destroy_process_group()`' and a ```python block)"
+    return match.group(1)
+
+
+def _usage_with_export(usage, export):
+    """The usage example with the export example inserted where the README says: before the destroy call."""
+    lines = usage.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("dist.destroy_process_group()"))
+    return "".join(lines[:at]) + export + "".join(lines[at:])
+
+
+def _run_usage_on_rank(rank, world_size, snippet, workdir=None):
     """Run the README's usage example as printed; the harness has already joined the process group,
-    so the example's own init/destroy calls are recorded instead of repeated."""
+    so the example's own init/destroy calls are recorded instead of repeated. With ``workdir`` the
+    example runs there (the export example writes model.onnx into the working directory)."""
     import torch.distributed as dist
     from torch.nn.modules.batchnorm import _BatchNorm
 
+    if workdir is not None:
+        os.chdir(workdir)
     torch.manual_seed(1000 + rank)  # each rank draws a different batch
     calls, first_bn_input = [], []
     real_init, real_destroy = dist.init_process_group, dist.destroy_process_group
@@ -315,7 +336,15 @@ def _run_usage_on_rank(rank, world_size, snippet):
         dist.init_process_group, dist.destroy_process_group = real_init, real_destroy
     model = namespace["model"].module
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    exported = {}
+    if "outputs" in namespace:  # the export example ran on this rank
+        with torch.no_grad():
+            exported = {"onnx": torch.from_numpy(namespace["outputs"][0]), "eager": namespace["plain"](namespace["example"]),
+                        "plain_classes": sorted({type(m).__name__ for m in namespace["plain"].modules()
+                                                 if isinstance(m, _BatchNorm)}),
+                        "files": sorted(os.listdir("."))}
     return {
+        "exported": exported,
         "calls": calls,
         "classes": sorted({type(m).__name__ for m in norms}),
         "count": len(norms),
@@ -326,8 +355,17 @@ def _run_usage_on_rank(rank, world_size, snippet):
     }
 
 
-def test_usage_example_syncs_resnet18_on_two_ranks():
-    results = run_ranks(_run_usage_on_rank, 2, _usage_snippet(), timeout=150)
+def test_usage_and_export_examples_run_on_two_ranks(tmp_path):
+    """The usage example trains resnet18 with synced statistics; the export example, inserted where the
+    README says, exports a reverted copy on rank 0 only, and onnxruntime matches the eager copy."""
+    export = importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript")
+    snippet = _usage_with_export(_usage_snippet(), _export_snippet()) if export else _usage_snippet()
+    results = run_ranks(_run_usage_on_rank, 2, snippet, str(tmp_path), timeout=300)
+    if export:
+        onnx, rest = results[0]["exported"], results[1]["exported"]
+        assert rest == {}, "only rank 0 exports"
+        assert onnx["plain_classes"] == ["BatchNorm2d"] and "model.onnx" in onnx["files"], onnx["files"]
+        torch.testing.assert_close(onnx["onnx"], onnx["eager"], rtol=1e-4, atol=1e-5)
     for rank, result in enumerate(results):
         assert result["calls"] == [("init", "gloo"), ("destroy", None)], f"rank {rank}: {result['calls']}"
         assert result["classes"] == [syncnorm.SyncBatchNorm.__name__], f"rank {rank}: {result['classes']}"
