@@ -234,7 +234,18 @@ def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], dev
                     input = input.to(device)
         if lockstep:
             # Who still has a batch, and the shape a rank that ran out copies: one small all_gather.
-            gathered = comm.all_gather(_describe(input, comm_device))
+            try:
+                packet, problem = _describe(input, comm_device), None
+            except TypeError as error:
+                # Sent as a marker first, so that every rank raises instead of waiting for this one.
+                packet, problem = torch.full((3 + _MAX_DIMS,), -1.0, dtype=torch.float64, device=comm_device), error
+            gathered = comm.all_gather(packet)
+            if problem is not None:
+                raise problem
+            if (gathered[:, 0] < 0).any():
+                bad = [str(rank) for rank, flag in enumerate(gathered[:, 0].tolist()) if flag < 0]
+                raise TypeError(f"update_bn_stats got an input it cannot stand in for on rank(s) {', '.join(bad)} "
+                                "(see the error on that rank); all ranks stop here instead of waiting for it")
             if not gathered[:, 0].any():
                 return
             if input is None:

@@ -220,3 +220,21 @@ def test_launcher_precise_bn_batches(tmp_path):
         assert torch.allclose(layer.running_var, values.var(1), rtol=1e-10, atol=1e-10)
     _, off = run(0, "off")  # the moving averages of 2 steps: not the pooled statistics
     assert not torch.allclose(bn_layers(off)[0].running_var, layers[0].running_var, atol=1e-6)
+
+
+def _bad_input_on_rank(rank, world_size):
+    model = syncnorm.convert_sync_batchnorm(make_model())
+    batches = [x for x, _ in rank_batches(rank, [[2, 3], [2, 3]])]
+    if rank == 1:
+        batches[1] = {"image": batches[1]}  # not a tensor: no stand-in shape to copy
+    try:
+        syncnorm.update_bn_stats(model, batches)
+    except TypeError as error:
+        return str(error), model[1].running_mean.clone()
+    return None, None
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank():
+    (first, mean0), (second, mean1) = run_ranks(_bad_input_on_rank, 2, timeout=120, pg_timeout=20)
+    assert "rank(s) 1" in first and "expected batches whose input is a tensor" in second
+    assert torch.equal(mean0, make_model()[1].running_mean) and torch.equal(mean1, mean0)  # restored
