@@ -281,7 +281,7 @@ def test_subclass_with_its_own_forward_raises_naming_it_and_changes_nothing():
     before = [(name, type(m)) for name, m in model.named_modules()]
     with pytest.raises(ValueError, match=(
         r"expected BatchNorm layers it can sync exactly \(got test_convert\._DoubledBatchNorm, which has its own "
-        r"forward instead of _BatchNorm's, at '1\.1'; 1 more: '2'\): register how it syncs with "
+        r"forward instead of BatchNorm's, at '1\.1'; 1 more: '2'\): register how it syncs with "
         r"syncnorm\.register_conversion \(docs/integrations\.md.*; nothing was changed"
     )):
         syncnorm.convert_sync_batchnorm(model)
@@ -409,3 +409,20 @@ def test_unknown_synced_subclass_cannot_revert_and_bad_registrations(registry):
         syncnorm.register_conversion(_DoubledSyncBatchNorm)
     with pytest.raises(TypeError, match=r"expected a plain revert_to class"):
         syncnorm.register_conversion(_DoubledBatchNorm, _DoubledSyncBatchNorm, revert_to=_DoubledSyncBatchNorm)
+
+
+def test_the_registration_example_in_the_docs_runs_as_printed(registry):
+    import os
+    import re
+
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "integrations.md")
+    with open(docs, encoding="utf-8") as f:
+        blocks = re.findall(r"^```python\n(.*?)^```", f.read(), re.S | re.M)
+    (example,) = [block for block in blocks if "class SyncScaledBatchNorm2d" in block]
+    namespace = {"__name__": "docs_example"}
+    exec(compile(example, docs, "exec"), namespace)
+    assert type(namespace["model"][1]) is namespace["SyncScaledBatchNorm2d"] and namespace["model"][1].scale == 0.5
+    assert type(namespace["plain"][1]) is namespace["ScaledBatchNorm2d"] and namespace["plain"][1].scale == 0.5
+    x = torch.randn(4, 3, 6, 6)
+    expected = 0.5 * nn.functional.batch_norm(namespace["model"][0](x), None, None, training=True)
+    assert torch.allclose(namespace["model"](x), expected, atol=1e-6)
