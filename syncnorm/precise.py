@@ -121,6 +121,15 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _expected_batches(batches: Iterable, num_batches: Optional[int]) -> Optional[int]:
+    """This rank's number of batches in the pass, where ``batches`` has a length or ``num_batches`` caps it."""
+    try:
+        length = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return num_batches
+    return length if num_batches is None else min(length, num_batches)
+
+
 def _progress_printer(total: Optional[int]) -> Callable[[int, Optional[int]], None]:
     """``progress=True``: a line on stderr every tenth of the pass (every 100 batches when its length
     is unknown), on global rank 0 only."""
@@ -178,7 +187,8 @@ def update_bn_stats(
             one (``mesh["dp"]``), so each value counts once.
         device: move each input there first; None: leave it where the batch put it.
         progress: ``True`` prints a line per tenth of the pass on rank 0 (stderr); a callable is called
-            as ``progress(batches_done, num_batches)`` after each of this rank's batches.
+            as ``progress(batches_done, total)`` after each of this rank's batches, ``total`` being its
+            number of batches where known (``num_batches``, ``len(batches)``), else None.
 
     Example::
 
@@ -192,8 +202,9 @@ def update_bn_stats(
     net = _unwrap(model)
     layers = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
     comm_device = torch.device(device) if device is not None else _model_device(net)
+    total = _expected_batches(batches, num_batches)
     if progress is True:
-        progress = _progress_printer(num_batches)
+        progress = _progress_printer(total)
     modes = [(module, module.training) for module in net.modules()]
     saved = [(layer, [b.detach().clone() if b is not None else None
                       for b in (layer.running_mean, layer.running_var, layer.num_batches_tracked)])
@@ -203,7 +214,7 @@ def update_bn_stats(
     try:
         net.train()
         with torch.no_grad():
-            _run_pass(net, batches, num_batches, device, comm_device, progress)
+            _run_pass(net, batches, num_batches, device, comm_device, progress, total)
     finally:
         for hook in hooks:
             hook.remove()
@@ -219,7 +230,7 @@ def update_bn_stats(
 
 
 def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], device, comm_device: torch.device,
-              progress) -> None:
+              progress, total: Optional[int]) -> None:
     """This rank's forwards; with collectives in the forward, stand-in forwards until all ranks are done."""
     lockstep = comm.world_size() > 1 and _communicates_in_forward(net)
     iterator = iter(batches)
@@ -256,7 +267,7 @@ def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], dev
         net(input)
         done += 1
         if progress:
-            progress(done, num_batches)
+            progress(done, total)
 
 
 def _pool_and_store(layers: List[_BatchNorm], totals: List[_LayerStats], group, device: torch.device) -> None:

@@ -166,6 +166,14 @@ def test_one_process_matches_reference_and_restores_on_error():
     syncnorm.update_bn_stats(model, rank_batches(0, sizes), progress=lambda d, t: calls.append(d))
     check([_record(model) | {"calls": [(d, None) for d in calls]}], sizes, False)
 
+    # torch's own SyncBatchNorm class (it runs as BatchNorm without a process group; with one it needs GPUs).
+    model = make_model()
+    torch_sync = nn.SyncBatchNorm(CHANNELS[1]).double()
+    torch_sync.load_state_dict(model[1].state_dict())
+    model[1] = torch_sync
+    syncnorm.update_bn_stats(model, rank_batches(0, sizes), progress=True)
+    check([_record(model) | {"calls": [(d, None) for d in calls]}], sizes, False)
+
     model = make_model()
     model.eval()
     before = copy.deepcopy(model.state_dict())
