@@ -72,7 +72,7 @@ class CollectiveRecorder:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.events: List[tuple] = []
+        self.events: Optional[List[tuple]] = None  # this context's current iteration; None before the first
         self._call: Optional[tuple] = None  # (layer, dtype, device, ndim) of the layer call under way
         self._call_recorded = False
         self._replaying = False
@@ -93,17 +93,17 @@ class CollectiveRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self.events:
+        if self.events is not None:
             _LAST_ITERATION[self.model] = self.events
 
     @property
     def has_recording(self) -> bool:
         """Whether there is an iteration to replay (recorded now or in an earlier context)."""
-        return bool(self.events) or self.model in _LAST_ITERATION
+        return self.events is not None or self.model in _LAST_ITERATION
 
     def begin_iteration(self) -> None:
         """Start recording a new iteration; the previous one becomes the one :meth:`replay` repeats."""
-        if self.events:
+        if self.events is not None:
             _LAST_ITERATION[self.model] = self.events
         self.events = []
         self._call = None
@@ -111,8 +111,8 @@ class CollectiveRecorder:
     def replay(self) -> None:
         """Issue the last recorded iteration's synced collectives with empty inputs. All ranks of the
         layers' groups must be running or replaying that iteration."""
-        events = self.events or _LAST_ITERATION.get(self.model)
-        if not events:
+        events = self.events if self.events is not None else _LAST_ITERATION.get(self.model)
+        if events is None:
             raise RuntimeError("CollectiveRecorder.replay: expected a recorded iteration (got none)")
         self._replaying = True
         try:
@@ -144,7 +144,7 @@ class CollectiveRecorder:
         self._call = None
 
     def _observe(self, kind: str, tensor: Tensor, group) -> None:
-        if self._replaying:
+        if self._replaying or self.events is None:
             return
         if kind == "gather" and self._call is not None:
             # One event per layer call, however many gathers it sends (its first call adds the

@@ -57,6 +57,10 @@ class DataConfig:
     synthetic_samples: int = _opt(4096, ge=1, doc="synthetic: training samples (test gets a fifth)")
     synthetic_shape: Tuple[int, ...] = _opt((1, 28, 28), ge=1, length=3, doc="synthetic: [C, H, W]")
     num_workers: int = _opt(0, ge=0, doc="DataLoader worker processes per rank")
+    shard: str = _opt("pad", choices=("pad", "uneven"),
+                      doc="training-set split: pad (DistributedSampler repeats samples so that every rank "
+                          "has as many batches) or uneven (every sample once, ranks may have different "
+                          "numbers of batches, trained under syncnorm.join; needs train.drop_last=false)")
 
 
 @dataclass(frozen=True)

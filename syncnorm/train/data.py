@@ -13,7 +13,8 @@ Sharding: the training set goes through ``DistributedSampler`` (call ``set_epoch
 ``W`` ranks and seed ``s``, rank ``r`` gets ``perm[r::W]`` of the epoch's permutation, so step ``k``
 across all ranks covers exactly ``perm[k*W*b:(k+1)*W*b]``: the same samples a single process with
 batch ``W*b`` sees at step ``k``. The test set is split ``range(r, N, W)`` without padding, so counts
-summed over ranks cover every test sample exactly once.
+summed over ranks cover every test sample exactly once. ``data.shard=uneven`` splits the training set
+the same way without padding (:class:`UnevenShardSampler`): ranks may get different numbers of batches.
 """
 
 import functools
@@ -176,6 +177,40 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class UnevenShardSampler(Sampler):
+    """``data.shard=uneven``: rank ``r`` gets ``perm[r::W]`` of the epoch's permutation, with no padding.
+
+    The permutation is ``DistributedSampler``'s (seed + epoch), so step ``k`` across all ranks still
+    covers ``perm[k*W*b:(k+1)*W*b]``, every sample exactly once per epoch; the last steps are short and
+    ranks may have different numbers of batches, which ``syncnorm.join`` absorbs.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.n, self.rank, self.world_size, self.shuffle, self.seed = n, rank, world_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = list(range(self.n))
+        return iter(order[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def uneven_step_samples(n: int, world_size: int, batch_size: int, step: int) -> int:
+    """Samples of training step ``step`` summed over all ranks under :class:`UnevenShardSampler`."""
+    return sum(
+        max(0, min(batch_size, len(range(rank, n, world_size)) - step * batch_size)) for rank in range(world_size)
+    )
+
+
 def make_loaders(
     data: Datasets,
     *,
@@ -187,8 +222,10 @@ def make_loaders(
     shuffle: bool = True,
     drop_last: bool = True,
     num_workers: int = 0,
+    shard: str = "pad",
 ) -> Tuple[DataLoader, DistributedSampler, DataLoader]:
-    """Per-rank (train loader, its sampler, test loader). ``batch_size`` is per rank."""
+    """Per-rank (train loader, its sampler, test loader). ``batch_size`` is per rank. ``shard``: "pad"
+    (``DistributedSampler``) or "uneven" (:class:`UnevenShardSampler`)."""
     n_train = len(data.train)
     if world_size > n_train:
         raise DataError(
@@ -201,9 +238,15 @@ def make_loaders(
             f"train.batch_size: expected at most {per_rank} (each of {world_size} ranks holds {per_rank} "
             f"training samples and train.drop_last=true would leave no step) (got {batch_size})"
         )
-    sampler = DistributedSampler(
-        data.train, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
-    )
+    if shard == "uneven":
+        if drop_last:
+            raise DataError("data.shard=uneven: expected train.drop_last=false (got true); an uneven split "
+                            "keeps every sample, so set --set train.drop_last=false")
+        sampler = UnevenShardSampler(n_train, rank, world_size, shuffle=shuffle, seed=seed)
+    else:
+        sampler = DistributedSampler(
+            data.train, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
     train_loader = DataLoader(
         data.train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers
     )

@@ -13,13 +13,17 @@ restored) and counts it in the epoch's ``skipped_steps``.
 ``state`` is the :class:`LoopState` (epoch, step, loss, metrics so far).
 """
 
+import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+import syncnorm
+from syncnorm import comm
 from syncnorm.train.distributed import DistInfo, all_sum
 from syncnorm.train.errors import DataError, NonFiniteLossError
 
@@ -52,7 +56,9 @@ def nonfinite_ranks(loss: torch.Tensor, info: DistInfo) -> List[int]:
     ``world_size`` floats; none in one process)."""
     flags = torch.zeros(info.world_size, dtype=torch.float32, device=loss.device)
     flags[info.rank] = (~torch.isfinite(loss.detach())).float()
-    all_sum(flags, info)
+    # Through syncnorm.comm, so that inside syncnorm.join (data.shard=uneven) a rank that ran out stands
+    # in for it (with zeros: no bad loss) like for the synced layers' sums.
+    flags = comm.sum_across_ranks(flags) if info.world_size > 1 else flags
     return [rank for rank, flag in enumerate(flags.tolist()) if flag]
 
 
@@ -76,9 +82,16 @@ def _nonfinite_loss(bad: List[int], step: int, state: LoopState, nan_policy: str
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, info: DistInfo, dtype,
                     max_steps: Optional[int] = None, advance=None, callbacks: Sequence = (),
-                    state: Optional[LoopState] = None, nan_policy: str = "stop") -> Dict[str, float]:
+                    state: Optional[LoopState] = None, nan_policy: str = "stop",
+                    step_samples: Optional[Callable[[int], int]] = None) -> Dict[str, float]:
     """Train one epoch; return global ``train_loss``, ``train_acc``, ``samples``, ``train_seconds``,
-    ``skipped_steps`` (batches dropped for a non-finite loss; not in the loss, accuracy or samples)."""
+    ``skipped_steps`` (batches dropped for a non-finite loss; not in the loss, accuracy or samples).
+
+    ``step_samples`` (``data.shard=uneven``): the number of samples of step ``k`` over all ranks. The
+    steps then run under ``syncnorm.join`` (ranks may have different numbers of batches), and each
+    rank's loss is weighted by ``batch * world_size / step_samples(k)``, so that DDP's average of the
+    gradients is that of the mean loss over the step's samples: one process with the global batch.
+    """
     model.train()
     state = state or LoopState()
     state.skipped_steps = 0
@@ -88,7 +101,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     # nan_policy=skip restores the buffers (BatchNorm running statistics) the dropped forward updated.
     buffers = list(model.buffers())
     start = time.perf_counter()
-    for step, (inputs, targets) in enumerate(loader):
+    batches = loader if max_steps is None else itertools.islice(loader, max_steps)
+    if step_samples is not None:
+        batches = _under_join(model, batches)
+    for step, (inputs, targets) in enumerate(batches):
         if max_steps is not None and step >= max_steps:
             break
         state.step, state.phase = step, "training step"
@@ -106,7 +122,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             state.skipped_steps += 1
         else:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if step_samples is not None:
+                (loss * (targets.numel() * info.world_size / step_samples(step))).backward()
+            else:
+                loss.backward()
             optimizer.step()
             batch = targets.numel()
             totals += torch.stack([loss.detach().double() * batch, out["correct"].double(), out["count"].double()])
@@ -118,6 +137,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             elapsed = time.perf_counter() - start
             advance(local_loss / local_count, local_count * info.world_size / max(elapsed, 1e-9))
     seconds = time.perf_counter() - start
+    if step_samples is not None:
+        broadcast_optimizer_state(optimizer, info)
     state.phase = "the epoch's training metrics"
     loss_sum, correct, count = all_sum(totals, info).tolist()
     if count == 0 and state.skipped_steps:
@@ -127,6 +148,28 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         raise DataError("an epoch had no training step; lower train.batch_size or set train.drop_last=false")
     return {"train_loss": loss_sum / count, "train_acc": correct / count, "samples": int(count),
             "train_seconds": seconds, "skipped_steps": state.skipped_steps}
+
+
+def _under_join(model: nn.Module, batches: Iterable):
+    """The batches, inside ``syncnorm.join(model)``: once they run out, this rank stands in for the
+    steps the other ranks still run before the loop sees the end (the max_steps cap is applied before,
+    so the loop never leaves early)."""
+    with syncnorm.join(model):
+        yield from batches
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, info: DistInfo) -> None:
+    """Give every rank rank 0's optimizer state (momentum) after an uneven epoch: a rank that ran out
+    skipped the last steps' updates of it (DDP's join re-syncs only the model). Under
+    ``data.shard=uneven`` rank 0 holds the most samples, so it ran every step."""
+    if info.world_size == 1:
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                for value in optimizer.state.get(param, {}).values():
+                    if torch.is_tensor(value):
+                        dist.broadcast(value, src=0)
 
 
 @torch.no_grad()

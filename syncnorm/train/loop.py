@@ -36,7 +36,7 @@ from syncnorm.train import checkpoint as ckpt
 from syncnorm.train import curves, failures, rundir
 from syncnorm.train.build import DTYPES, compile_model, load_data, make_model, make_optimizer, make_scheduler
 from syncnorm.train.config import Config, to_dict
-from syncnorm.train.data import make_loaders
+from syncnorm.train.data import make_loaders, uneven_step_samples
 from syncnorm.train.distributed import (DistInfo, broadcast_buffers, expected_rank, seed_everything, setup_distributed,
                                         threads_text, wrap_ddp)
 from syncnorm.train.epoch import LoopState, evaluate, notify, train_one_epoch, training_step
@@ -217,7 +217,7 @@ def set_up(cfg: Config, info: DistInfo, reporter: Reporter, state: LoopState) ->
     data = load_data(cfg, info)
     loaders = make_loaders(data, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, rank=info.rank,
                            world_size=info.world_size, seed=t.seed, shuffle=t.shuffle, drop_last=t.drop_last,
-                           num_workers=cfg.data.num_workers)
+                           num_workers=cfg.data.num_workers, shard=cfg.data.shard)
     model = make_model(cfg, data, info)
     optimizer = make_optimizer(cfg, model)
     return Run(cfg, info, reporter, state, data, loaders, model, model, optimizer, make_scheduler(cfg, optimizer))
@@ -228,6 +228,9 @@ def start(run: Run) -> None:
     cfg, info, reporter = run.cfg, run.info, run.reporter
     run.state.phase = "model set-up (DDP)"
     model = run.model_without_ddp
+    if cfg.train.compile and cfg.data.shard == "uneven":
+        raise ConfigError("data.shard=uneven: expected train.compile=false (got true); syncnorm.join, which "
+                          "absorbs the uneven numbers of batches, runs eager models only")
     if cfg.train.compile:
         # Compile the model, then wrap it: the model becomes one graph (no break), and DDP's own
         # bookkeeping stays eager (compiling DDP itself breaks the graph there and leaves every
@@ -270,7 +273,8 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
         sampler.set_epoch(epoch)
         with run.reporter.epoch_progress(epoch, t.epochs, run.steps) as advance:
             train_stats = train_one_epoch(run.model, train_loader, run.optimizer, info, dtype, t.max_steps,
-                                          advance, callbacks, state, nan_policy=t.nan_policy)
+                                          advance, callbacks, state, nan_policy=t.nan_policy,
+                                          step_samples=_step_samples(run))
         if train_stats["skipped_steps"]:
             run.reporter.warn(f"epoch {epoch}: skipped {train_stats['skipped_steps']} step(s) with a non-finite "
                               f"loss (train.nan_policy=skip)")
@@ -293,6 +297,15 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
             state.last_checkpoint = _save_epoch(run, epoch, row)
         state.phase = "end of epoch"
         notify(callbacks, "on_epoch_end", state)
+
+
+def _step_samples(run: Run):
+    """``data.shard=uneven``: samples of each step over all ranks (train_one_epoch then runs under
+    syncnorm.join and weights the loss by it); None for the padded split."""
+    if run.cfg.data.shard != "uneven":
+        return None
+    n, world, batch = len(run.data.train), run.info.world_size, run.cfg.train.batch_size
+    return lambda step: uneven_step_samples(n, world, batch, step)
 
 
 def recompute_bn_stats(run: Run, train_loader, dtype) -> None:
