@@ -318,8 +318,9 @@ def test_torch_syncbatchnorm_subclasses():
     converted = syncnorm.convert_sync_batchnorm(nn.Sequential(KeepsForward(3)))
     assert type(converted[0]) is syncnorm.SyncBatchNorm
     assert type(syncnorm.revert_sync_batchnorm(converted)[0]) is BatchNormNd  # a local BatchNorm
+    own_forward = r"OwnForward, which has its own forward instead of SyncBatchNorm's, at '0'"
     for walker in (syncnorm.convert_sync_batchnorm, syncnorm.revert_sync_batchnorm):
-        with pytest.raises(ValueError, match=r"OwnForward, which has its own forward instead of SyncBatchNorm's, at '0'"):
+        with pytest.raises(ValueError, match=own_forward):
             walker(nn.Sequential(OwnForward(3)))
 
 
@@ -401,9 +402,11 @@ def test_unknown_synced_subclass_cannot_revert_and_bad_registrations(registry):
 
     with pytest.raises(ValueError, match=r"Unknown, a SyncBatchNorm subclass with its own forward .* at '0'"):
         syncnorm.revert_sync_batchnorm(nn.Sequential(Unknown(3)), inplace=True)
-    with pytest.raises(TypeError, match=r"expected source to be a torch.nn.modules.batchnorm._BatchNorm subclass \(got GroupNorm\)"):
+    with pytest.raises(TypeError, match=r"expected source to be a torch.nn.modules.batchnorm._BatchNorm "
+                                        r"subclass \(got GroupNorm\)"):
         syncnorm.register_conversion(nn.GroupNorm)
-    with pytest.raises(TypeError, match=r"expected synced to be a syncnorm.SyncBatchNorm subclass \(got SyncBatchNorm\)"):
+    with pytest.raises(TypeError, match=r"expected synced to be a syncnorm.SyncBatchNorm subclass "
+                                        r"\(got SyncBatchNorm\)"):
         syncnorm.register_conversion(_DoubledBatchNorm, nn.SyncBatchNorm)
     with pytest.raises(TypeError, match=r"already synced"):
         syncnorm.register_conversion(_DoubledSyncBatchNorm)

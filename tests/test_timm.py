@@ -256,7 +256,9 @@ def _run_families(names, ddp=False):
         originals[name] = original
     ddp_case = _ddp_case() if ddp else None
     results = run_ranks(_rank_runs, len(SIZES), _by_value((cases, ddp_case)), timeout=300, pg_timeout=120)
-    families = {name: ([r[0][name] for r in results], originals[name], cases[name][1], cases[name][2]) for name in names}
+    families = {
+        name: ([r[0][name] for r in results], originals[name], cases[name][1], cases[name][2]) for name in names
+    }
     return families, (ddp_case, [r[1] for r in results])
 
 
@@ -312,3 +314,22 @@ def test_one_call_needs_no_extra_import_and_syncnorm_does_not_import_timm():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["SyncBatchNormAct2d", "SiLU"]
+
+
+def test_frozen_layers_stay_and_split_batchnorm_is_refused():
+    model = _randomize(_timm_model("test_efficientnet"))
+    model.blocks[0] = timm.layers.freeze_batch_norm_2d(model.blocks[0])
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNormAct2d)]
+    assert len(frozen) == 1
+    reference = copy.deepcopy(model)
+    x = _data(1)[0]
+    converted = syncnorm.convert_sync_batchnorm(model)
+    assert [m for m in converted.modules() if isinstance(m, FrozenBatchNormAct2d)] == frozen  # the same objects
+    assert not any(type(m) is BatchNormAct2d for m in converted.modules())
+    assert torch.equal(converted(x), reference(x))  # one process, training mode
+    assert _norm_types(syncnorm.revert_sync_batchnorm(converted)) == _norm_types(reference)
+
+    from timm.layers.split_batchnorm import SplitBatchNorm2d
+
+    with pytest.raises(ValueError, match=r"SplitBatchNorm2d, which has its own forward instead of BatchNorm's, at '1'"):
+        syncnorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), SplitBatchNorm2d(4, num_splits=2)))
