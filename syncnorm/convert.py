@@ -58,8 +58,8 @@ def register_conversion(
     ``convert_sync_batchnorm`` replaces each layer of class ``source`` (and of any subclass that does
     not override ``forward``) by a ``synced`` layer built with the layer's ``num_features``, ``eps``,
     ``momentum``, ``affine`` and ``track_running_stats`` and the call's ``process_group``. The new layer
-    takes over the very parameter, buffer and child-module objects of the old one, its train/eval mode
-    and every other attribute it does not have itself (a subclass's own settings, ``qconfig``), so a
+    takes over the very parameter, buffer and child-module objects of the old one, its hooks, its
+    train/eval mode and every other attribute it does not have itself (a subclass's own settings, ``qconfig``), so a
     ``synced`` class can use what ``source`` keeps (timm's integration reads ``act`` and ``drop``).
     ``revert_sync_batchnorm`` builds ``revert_to`` (default: the layer's original class) the way
     ``copy`` and ``pickle`` rebuild a module, without calling its ``__init__``, from the synced layer's
@@ -141,7 +141,7 @@ def _own_forward_problem(layer: nn.Module, base: type) -> Optional[str]:
     if type(layer).forward is base.forward:
         return None
     return (
-        f"got {_name(type(layer))}, which has its own forward instead of {base.__qualname__}'s, "
+        f"got {_name(type(layer))}, which has its own forward instead of {base.__qualname__.lstrip('_')}'s, "
         f"at {{where}}{{more}}): register how it syncs with syncnorm.register_conversion ({_REGISTER_HELP})"
     )
 
@@ -208,13 +208,20 @@ def _check_all(module: nn.Module, caller: str, expected: str, problem_of: Callab
     )
 
 
+# Module attributes that hold hooks (names vary across torch releases).
+_HOOK_ATTRIBUTES = frozenset(name for name in vars(nn.Module()) if "hook" in name)
+# A forward compiled with Module.compile() is bound to the old module (torch's pickling drops it too).
+_NOT_CARRIED = frozenset({"_compiled_call_impl"})
+
+
 def _carry(source: _BatchNorm, target: SyncBatchNorm) -> SyncBatchNorm:
     """Move ``source``'s state into the freshly built ``target``.
 
     Sharing the parameter and buffer objects (not copying them) keeps ``requires_grad``, device,
-    dtype, the model's state_dict, and any optimizer or DDP reducer that already holds them. Child
-    modules and attributes ``target`` lacks (a subclass's own settings, ``qconfig``) come along so that
-    revert can rebuild the original. Hooks registered on ``source`` stay behind, as in torch's converter.
+    dtype, the model's state_dict, and any optimizer or DDP reducer that already holds them. The hook
+    dictionaries move as they are, so hooks keep firing and their handles keep working. Child modules
+    and attributes ``target`` lacks (a subclass's own settings, ``qconfig``) come along so that revert
+    can rebuild the original.
     """
     target._parameters.update(source._parameters)
     target._buffers.update(source._buffers)
@@ -223,7 +230,7 @@ def _carry(source: _BatchNorm, target: SyncBatchNorm) -> SyncBatchNorm:
     target.training = source.training  # not .train(): child modules keep their own mode
     own = vars(target)
     for name, value in vars(source).items():
-        if name not in own:
+        if name in _HOOK_ATTRIBUTES or (name not in own and name not in _NOT_CARRIED):
             own[name] = value
     return target
 
@@ -236,15 +243,13 @@ def _synced_only_attributes(synced_class: type) -> frozenset:
 
 
 def _rebuild(layer: _BatchNorm, plain_class: type) -> _BatchNorm:
-    """A ``plain_class`` layer with ``layer``'s state, built as ``copy.copy`` builds a module (no
-    ``__init__``: the original class's constructor arguments are not known)."""
-    synced_base = SyncBatchNorm if isinstance(layer, SyncBatchNorm) else nn.SyncBatchNorm
-    drop = _synced_only_attributes(type(layer) if synced_base is SyncBatchNorm else synced_base)
+    """A ``plain_class`` layer that takes over ``layer``'s state (parameters, buffers, children, hooks,
+    settings) except what only synced layers have, built as ``copy.copy`` builds a module: without
+    ``__init__``, whose arguments for the original class are not known."""
+    synced_class = type(layer) if isinstance(layer, SyncBatchNorm) else nn.SyncBatchNorm
+    dropped = _synced_only_attributes(synced_class) | _NOT_CARRIED
     plain = plain_class.__new__(plain_class)
-    for name, value in vars(layer).items():
-        if name not in drop:
-            # Own dicts (parameters, buffers, hooks) and sets, same objects inside.
-            plain.__dict__[name] = copy.copy(value) if isinstance(value, (dict, set)) else value
+    plain.__dict__.update((name, value) for name, value in vars(layer).items() if name not in dropped)
     return plain
 
 
@@ -287,7 +292,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: comm.ProcessGroup =
 
     The root itself is converted if it is a BatchNorm, and the walk goes through any container,
     ``DistributedDataParallel`` included. Converted layers take over the original parameter, buffer and
-    child-module objects, so ``requires_grad``, device, dtype, train/eval mode, the model's
+    child-module objects and hooks, so ``requires_grad``, device, dtype, train/eval mode, the model's
     ``state_dict`` and any optimizer built before the call are all unchanged. Children are replaced in
     place; use the return value, which differs from ``module`` only when the root is a BatchNorm.
 

@@ -429,3 +429,18 @@ def test_the_registration_example_in_the_docs_runs_as_printed(registry):
     x = torch.randn(4, 3, 6, 6)
     expected = 0.5 * nn.functional.batch_norm(namespace["model"][0](x), None, None, training=True)
     assert torch.allclose(namespace["model"](x), expected, atol=1e-6)
+
+
+def test_hooks_on_a_layer_survive_convert_and_revert():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    seen = []
+    handle = model[1].register_forward_hook(lambda layer, args, output: seen.append(type(layer).__name__))
+    model[1].register_forward_pre_hook(lambda layer, args: seen.append("pre"))
+    x = torch.randn(2, 3, 5, 5)
+    syncnorm.convert_sync_batchnorm(model)(x)
+    assert seen == ["pre", "SyncBatchNorm"]
+    syncnorm.revert_sync_batchnorm(model, inplace=True)(x)
+    assert seen[2:] == ["pre", "BatchNorm2d"]
+    handle.remove()  # the handle still reaches the layer's hooks
+    syncnorm.revert_sync_batchnorm(syncnorm.convert_sync_batchnorm(model))(x)
+    assert seen[4:] == ["pre"]
