@@ -46,6 +46,11 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 # all_gather's output grows with the group.
 GATHER_SUM_MAX_WORLD = 4
 
+# A one-rank group needs no collective, so none is sent. The one-GPU tests and benchmark set this to send
+# them anyway (real NCCL calls on the stream), so a synced step can be checked and timed on one device
+# (tests/test_gpu.py, benchmarks/bench_gpu.py).
+_COLLECTIVES_AT_ONE_RANK = False
+
 
 def is_distributed() -> bool:
     """True when ``torch.distributed`` is built in and a default process group exists."""
@@ -110,7 +115,7 @@ def _route(kind: str, tensor: Tensor, group: ProcessGroup):
 def all_gather(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     """Stack every rank's 1-D ``tensor`` into a ``(world, len)`` tensor. All ranks must call this."""
     size = world_size(group)
-    if size == 1:
+    if size == 1 and not _COLLECTIVES_AT_ONE_RANK:
         return tensor.unsqueeze(0)
     group = _route("gather", tensor, group)
     if is_compiling():
@@ -148,7 +153,7 @@ def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Callab
     ``tensor`` must not be modified until then. All ranks must call this; exactly one collective.
     """
     size = world_size(group)
-    if size == 1:
+    if size == 1 and not _COLLECTIVES_AT_ONE_RANK:
         return lambda: tensor
     group = _route("sum", tensor, group)
     if is_compiling():
