@@ -219,11 +219,13 @@ def test_readme_is_short():
 
 
 def _script_options():
-    """{script: {option: doc}} for every script of launch/ or benchmarks/ the docs run, and the options they pass."""
+    """{script: {option: doc}} for every script of launch/ or benchmarks/ the docs run, and the options they pass
+    (a script's options end where another script starts: launch/run.py ... launch/train.py --config ...)."""
     wanted = {}
     for path in DOCS:
         for command in _commands(_read(path)):
-            for script, rest in re.findall(r"((?:launch|benchmarks)/\w+\.py)((?:\s+(?!&&|\|)\S+)*)", command):
+            for script, rest in re.findall(r"((?:launch|benchmarks)/\w+\.py)((?:\s+(?!&&|\||(?:launch|benchmarks)/)\S+)*)",
+                                           command):
                 options = wanted.setdefault(script, {})
                 for option in re.findall(r"(?<!\S)(--[\w-]+)", rest):
                     options.setdefault(option, _rel(path))

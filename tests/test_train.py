@@ -154,7 +154,8 @@ def _tiny(out, epochs, keep, **train_keys):
 def test_checkpoints_keep_last_k_and_resume_auto_skips_a_corrupt_one(tmp_path):
     out = tmp_path / "run"
     result = train(_tiny(out, epochs=4, keep=2), reporter=QUIET)
-    assert sorted(os.listdir(out)) == ["ckpt_epoch3.pt", "ckpt_epoch4.pt", "config.yaml", "logs", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["ckpt_epoch3.pt", "ckpt_epoch4.pt", "config.yaml", "curves.png", "logs",
+                                      "metrics.jsonl"]
     state = ckpt.load_checkpoint(str(out / "ckpt_epoch4.pt"))
     assert state["epoch"] == 4 and state["config"] == to_dict(_tiny(out, epochs=4, keep=2))
     assert set(state) >= {"model", "optimizer", "scheduler", "rng", "metrics"}
