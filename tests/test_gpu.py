@@ -50,7 +50,9 @@ ONE_RANK_BACKEND = "nccl" if DEVICE == "cuda" else "gloo"
 # inductor but generates no kernels (inductor's CPU code generation would cost a minute here).
 COMPILE_BACKEND = "inductor" if DEVICE == "cuda" else "eager"
 COMPILE_OK = TORCH_VERSION >= COMPILE_MIN_TORCH
-TIMEOUT = 420.0  # rank processes compile; the GPU check's own timeout is the real bound
+# Per run of rank processes (they compile): below the GPU check's step timeout, so that a hang in one
+# fixture leaves time for the other.
+TIMEOUT = 200.0
 
 needs_device = pytest.mark.skipif(
     DEVICE is None,
@@ -139,6 +141,9 @@ def _layers_on_one_device(rank, world_size, device):
         for case in _layer_cases(True):
             torch._dynamo.reset()  # a fresh cache per case, far from the recompilation limit
             records["compiled"].append(run_layer_on_rank(rank, world_size, case, device=where))
+        from torch._dynamo.utils import counters
+
+        records["graphs"] = counters["stats"]["unique_graphs"]  # so "compiled" cannot quietly be eager
     return records
 
 
@@ -164,6 +169,7 @@ def test_two_ranks_on_one_device_match_batchnorm_on_the_global_batch(two_ranks_o
 @needs_compile
 def test_two_ranks_on_one_device_compiled_match_batchnorm_on_the_global_batch(two_ranks_one_device):
     _compare_layer_cases(True, [ranks["compiled"] for ranks in two_ranks_one_device])
+    assert all(ranks["graphs"] >= len(_layer_cases(True)) for ranks in two_ranks_one_device)
 
 
 # --- (b) the synced training step: 1 NCCL rank (forced to sync), or 2 GPUs -------------------------
