@@ -65,11 +65,6 @@ def _timm_model(name):
     return timm.create_model(name, num_classes=5)
 
 
-def _through_timms_converter(name):
-    """A model timm's own converter already turned into SyncBatchNormAct (torch SyncBN: CUDA only)."""
-    return timm.layers.convert_sync_batchnorm(copy.deepcopy(_timm_model(name)))
-
-
 def _randomize(model):
     """Non-default affine parameters and running statistics, so that keeping them is visible."""
     generator = torch.Generator().manual_seed(1)
@@ -133,7 +128,7 @@ def _train_steps(model, inputs, upstream, rank=None):
     return record
 
 
-def _norm_types(model):
+def _module_types(model):
     return [(name, type(m)) for name, m in model.named_modules()]
 
 
@@ -205,7 +200,7 @@ def _check_family(name, original, result, inputs, upstream):
 
     # Reverted: the original classes, module for module, and the same eval outputs.
     reverted = per_rank[1]["reverted"]
-    assert _norm_types(reverted) == _norm_types(original)
+    assert _module_types(reverted) == _module_types(original)
     assert reverted.state_dict().keys() == original.state_dict().keys()
     reverted.eval(), original.eval()
     with torch.no_grad():
@@ -292,7 +287,7 @@ def test_ddp_training_of_a_converted_timm_model_equals_one_process(default_famil
         assert state.keys() == expected.keys()
         for name, value in expected.items():
             _assert_close(state[name].double(), value.double(), f"{name} after DDP training (rank {rank})")
-        assert _norm_types(reverted) == _norm_types(original)
+        assert _module_types(reverted) == _module_types(original)
     # Training moved the weights, so the comparison above compared something.
     assert (expected["conv_stem.weight"] - untrained.state_dict()["conv_stem.weight"]).abs().max() > 1e-3
     reverted.eval(), original.eval()
@@ -327,7 +322,7 @@ def test_frozen_layers_stay_and_split_batchnorm_is_refused():
     assert [m for m in converted.modules() if isinstance(m, FrozenBatchNormAct2d)] == frozen  # the same objects
     assert not any(type(m) is BatchNormAct2d for m in converted.modules())
     assert torch.equal(converted(x), reference(x))  # one process, training mode
-    assert _norm_types(syncnorm.revert_sync_batchnorm(converted)) == _norm_types(reference)
+    assert _module_types(syncnorm.revert_sync_batchnorm(converted)) == _module_types(reference)
 
     from timm.layers.split_batchnorm import SplitBatchNorm2d
 
