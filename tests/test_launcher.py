@@ -549,3 +549,12 @@ def test_the_torchrun_summary_line_for_each_kind_of_failure():
     bug = SimpleNamespace(message={"message": "x", "extraInfo": {"py_callstack": "Traceback ...\nKeyError: 'w'"}},
                           exitcode=1, pid=7, signal_name=lambda: "<N/A>")
     assert _failure_line(0, bug) == "rank 0 exited with status 1 (KeyError: 'w'); its traceback or message is above"
+
+
+def test_a_run_without_a_finished_epoch_leaves_no_picture(capsys, tmp_path):
+    """lr=1e30 without normalization: step 2's loss is NaN, no epoch finishes; the earlier run's picture goes."""
+    pytest.importorskip("matplotlib", reason="curves.png needs matplotlib: pip install -e '.[train]'")
+    out = tmp_path / "run"
+    assert _run(capsys, out)[0] == 0 and (out / "curves.png").exists()
+    code, stdout, err = _run(capsys, out, "--overwrite", "--set", "model.norm=none", "--set", "train.lr=1e30")
+    assert code == 1 and not (out / "curves.png").exists() and "curves.png" not in stdout + err

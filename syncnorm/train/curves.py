@@ -7,6 +7,7 @@ Rank 0 redraws it at the end of a run (finished, failed or interrupted once an e
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -84,6 +85,8 @@ def draw(run_dir: str, out: Optional[str] = None) -> str:
         'runs/lenet/curves.png'
     """
     rows = read_metrics(run_dir)
+    if not rows:
+        raise ConfigError(f"{run_dir}: expected at least one finished epoch in metrics.jsonl (got none)")
     fig = figure(rows, title=os.path.normpath(run_dir))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -94,8 +97,13 @@ def draw(run_dir: str, out: Optional[str] = None) -> str:
 
 def redraw(run_dir: str, warn: Callable[[str], None]) -> Optional[str]:
     """What a run calls (rank 0): :func:`draw` into the run directory; without matplotlib, or when it
-    fails, one warning instead (a picture never stops a run). Returns the path, or None."""
+    fails, one warning instead (a picture never stops a run). Returns the path, or None. A run with no
+    finished epoch draws nothing and removes an earlier run's picture."""
     try:
+        if not read_metrics(run_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(run_dir, FILE_NAME))
+            return None
         return draw(run_dir)
     except ImportError:
         warn(MISSING_MATPLOTLIB)
