@@ -558,3 +558,26 @@ def test_a_run_without_a_finished_epoch_leaves_no_picture(capsys, tmp_path):
     assert _run(capsys, out)[0] == 0 and (out / "curves.png").exists()
     code, stdout, err = _run(capsys, out, "--overwrite", "--set", "model.norm=none", "--set", "train.lr=1e30")
     assert code == 1 and not (out / "curves.png").exists() and "curves.png" not in stdout + err
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_launch_run_is_rank_0s_line_and_exit_130(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "launch", "run.py"), "--nproc_per_node=2",
+               f"--master_port={free_port()}", LAUNCHER, "--config", LENET, *TINY, "--set", "train.epochs=100000",
+               "--set", f"output_dir={out}"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            preexec_fn=_sigint_default)
+    try:
+        _wait_for(out / "ckpt_epoch1.pt", proc)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 130, stdout + stderr
+    lines = [line for line in (stdout + stderr).splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted at epoch "), stdout + stderr
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr
