@@ -6,7 +6,9 @@
 
 The machinery lives in ``syncnorm.train`` (this file runs ``syncnorm.train.cli.train_main``): user
 errors are one line + exit 2, failures of a started run (non-finite loss, a crashed or stuck rank)
-one line + exit 1.
+one line + exit 1. Under torchrun a failed rank also writes its line to torchrun's error file (its
+report's root cause); ``python launch/run.py ...`` (torchrun's options) ends with that line alone and
+the rank's exit status. Each run draws ``curves.png``; ``launch/curves.py RUN_DIR`` draws it again.
 """
 
 import os
