@@ -208,14 +208,23 @@ def _mesh_1d(rank, world_size, counts_sizes):
     assert all(layer.process_group is mesh.get_group() for layer in model.modules()
                if isinstance(layer, syncnorm.SyncBatchNorm))
     syncnorm.update_bn_stats(model, [x for x, _ in rank_batches(rank, counts_sizes)], process_group=mesh["dp"])
-    return _record(model) | {"calls": [(i + 1, None) for i in range(len(counts_sizes[rank]))]}
+    # The functional form with a mesh dimension: this rank's rows of BatchNorm on both ranks' inputs.
+    x, _ = global_batch([2, 3], seed=4)
+    out = syncnorm.sync_batch_norm(_slice(x, [2, 3], rank), torch.zeros(C_IN, dtype=torch.float64),
+                                   torch.ones(C_IN, dtype=torch.float64), training=True, process_group=mesh["dp"])
+    return _record(model) | {"calls": [(i + 1, None) for i in range(len(counts_sizes[rank]))], "functional": out}
 
 
 @needs_fsdp2
-def test_1d_mesh_convert_and_precise_bn():
+def test_1d_mesh_convert_functional_and_precise_bn():
     """``convert_sync_batchnorm(model, process_group=mesh)`` and ``update_bn_stats(..., mesh["dp"])`` with
-    uneven batches: the pooled reference of test_precise."""
+    uneven batches (the pooled reference of test_precise), and ``sync_batch_norm(..., mesh["dp"])``
+    (BatchNorm on the concatenation)."""
     from test_precise import check
 
     sizes = [[3, 2], [4]]
-    check(run_ranks(_mesh_1d, 2, sizes, timeout=180), sizes, True)
+    per_rank = run_ranks(_mesh_1d, 2, sizes, timeout=180)
+    check(per_rank, sizes, True)
+    x, _ = global_batch([2, 3], seed=4)
+    expected = torch.nn.functional.batch_norm(x, None, None, training=True)
+    assert torch.allclose(torch.cat([r["functional"] for r in per_rank]), expected, rtol=0, atol=1e-10)
