@@ -7,7 +7,8 @@ stand-in: a rank that has run out repeats, in each shadow iteration, the synced 
 last iteration with empty inputs (zero counts), so the other ranks' statistics are exactly those of the
 *active* ranks' batches and the stand-in rank's running statistics move with theirs.
 
-How (all of it internal, for ``precise.py``-style users see :class:`CollectiveRecorder`):
+How it works (the recording and the replay are also an internal API for forward-only helpers such as a
+precise-BN pass: :class:`CollectiveRecorder` with :func:`side_groups`):
 
 * Inside ``join`` every synced collective of a group goes over a *side group* with the same ranks
   (``comm._route``): DDP issues its gradient all_reduces asynchronously in the middle of the active
@@ -25,12 +26,11 @@ How (all of it internal, for ``precise.py``-style users see :class:`CollectiveRe
 
 import contextlib
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from syncnorm import comm
@@ -161,7 +161,7 @@ def _synced_groups(model: nn.Module) -> List[Any]:
     groups: List[Any] = []
     for layer in model.modules():
         if isinstance(layer, SyncBatchNorm):
-            group = comm.resolve_group(layer.process_group) if hasattr(comm, "resolve_group") else layer.process_group
+            group = layer.process_group  # a DeviceMesh was resolved to its group by the layer
             if not any(group is seen for seen in groups):
                 groups.append(group)
     return groups

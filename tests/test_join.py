@@ -213,10 +213,12 @@ def test_rank_without_any_iteration_to_repeat_fails_every_rank():
 
 
 def test_compiled_model_is_one_clear_error():
+    # Raised on entry, before any collective: the same on every rank, so none is left waiting.
     net = _net(syncnorm.SyncBatchNorm)
-    with pytest.raises(ValueError, match="expected an eager model"):
-        with syncnorm.join(torch.compile(net)):
-            pass
+    for compiled in (torch.compile(net), nn.Sequential(torch.compile(net))):
+        with pytest.raises(ValueError, match="expected an eager model"):
+            with syncnorm.join(compiled):
+                pass
 
 
 def test_one_process_is_plain():
