@@ -59,8 +59,9 @@ def register_conversion(
     not override ``forward``) by a ``synced`` layer built with the layer's ``num_features``, ``eps``,
     ``momentum``, ``affine`` and ``track_running_stats`` and the call's ``process_group``. The new layer
     takes over the very parameter, buffer and child-module objects of the old one, its hooks, its
-    train/eval mode and every other attribute it does not have itself (a subclass's own settings, ``qconfig``), so a
-    ``synced`` class can use what ``source`` keeps (timm's integration reads ``act`` and ``drop``).
+    train/eval mode and every other attribute it does not have itself (a subclass's own settings,
+    ``qconfig``), so a ``synced`` class can use what ``source`` keeps (timm's integration reads ``act``
+    and ``drop``).
     ``revert_sync_batchnorm`` builds ``revert_to`` (default: the layer's original class) the way
     ``copy`` and ``pickle`` rebuild a module, without calling its ``__init__``, from the synced layer's
     state minus the synced class's own attributes (``process_group``...). With ``revert_to`` set, it
@@ -202,7 +203,9 @@ def _check_all(module: nn.Module, caller: str, expected: str, problem_of: Callab
     path, problem = problems[0]
     where = f"'{path}'" if path else "the root"
     others = [f"'{other}'" for other, _ in problems[1:]]
-    more = "" if not others else f"; {len(others)} more: {', '.join(others[:3])}" + (", ..." if len(others) > 3 else "")
+    more = ""
+    if others:
+        more = f"; {len(others)} more: {', '.join(others[:3])}" + (", ..." if len(others) > 3 else "")
     raise ValueError(
         f"{caller} expected {expected} ({problem.format(where=where, more=more)}; nothing was changed"
     )
