@@ -310,6 +310,33 @@ def targets_summary(result: dict) -> List[str]:
     return lines
 
 
+def train_step(result: dict, args, device: torch.device, timer: Timer, expected, started: float) -> List[tuple]:
+    """The training-step row: the eager variants first (written at once), then all four with the compiled
+    one, which compiles in its first warm-up step, unless too little of the time budget is left for that.
+    A timeout during the compilation still leaves the eager columns."""
+    torch._dynamo.reset()
+    runs, setup = train_runs(device, args.dry, args.backend)
+
+    def record(times):
+        result["train_step"] = {"setup": setup, "times": times, "ratios_vs_bn": ratios(times, "bn"),
+                                "ratios_vs_torch_syncbn": ratios(times, "torch_syncbn")}
+        write_json(result, args.out)
+
+    eager = {name: run for name, run in runs.items() if name != "syncnorm_compiled"}
+    times = measure(eager, timer, args.train_rounds, args.train_warmup, expected)
+    left = args.time_budget - (time.monotonic() - started)
+    if args.time_budget and not args.dry and left < TRAIN_COMPILE_SECONDS:
+        times["syncnorm_compiled"] = {"skipped": "time budget"}
+        result["skipped"].append(f"training step, compiled: {left:.0f} s of the time budget left")
+        record(times)
+    else:
+        times["syncnorm_compiled"] = {"skipped": "not measured yet"}
+        record(times)
+        times = measure(runs, timer, args.train_rounds, args.train_warmup, expected)
+        record(times)
+    return unexpected_errors("training step", times, args.dry)
+
+
 def unexpected_errors(label: str, times: Dict[str, dict], dry: bool) -> List[tuple]:
     """(what, traceback) of every variant that failed, except torch's SyncBN kernels on the CPU."""
     return [(f"{label} {name}", summary["error"]) for name, summary in times.items()
@@ -383,20 +410,7 @@ def main(argv=None) -> int:
             if out_of_time():
                 result["skipped"].append("training step: time budget spent")
             else:
-                torch._dynamo.reset()
-                runs, setup = train_runs(device, args.dry, args.backend)
-                left = args.time_budget - (time.monotonic() - started)
-                compile_skipped = args.time_budget and not args.dry and left < TRAIN_COMPILE_SECONDS
-                if compile_skipped:  # better the eager columns than none when the timeout comes
-                    del runs["syncnorm_compiled"]
-                    result["skipped"].append(f"training step, compiled: {left:.0f} s of the time budget left")
-                times = measure(runs, timer, args.train_rounds, args.train_warmup, expected)
-                if compile_skipped:
-                    times["syncnorm_compiled"] = {"skipped": "time budget"}
-                result["train_step"] = {"setup": setup, "times": times, "ratios_vs_bn": ratios(times, "bn"),
-                                        "ratios_vs_torch_syncbn": ratios(times, "torch_syncbn")}
-                write_json(result, args.out)
-                failures += unexpected_errors("training step", times, args.dry)
+                failures += train_step(result, args, device, timer, expected, started)
     finally:
         result["seconds"] = round(time.monotonic() - started, 1)
         write_json(result, args.out)
