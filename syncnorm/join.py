@@ -293,8 +293,8 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
       divided by the initial world size (``divide_by_initial_world_size=False``: by the number of
       ranks still running); DDP then broadcasts the final model from a rank that ran last.
 
-    Every iteration inside the context must call the same synced layers in the same order (the
-    stand-in repeats one iteration); a rank that runs out before its first iteration there needs an
+    Every iteration inside the context must call the same synced layers in the same order and mode
+    (the stand-in repeats one iteration; evaluate outside the context); a rank that runs out before its first iteration there needs an
     iteration recorded in an earlier ``join`` of the same model, else every rank raises ``ValueError``.
     The synced layers' collectives go over a side process group with the same ranks, created on first
     entry. All ranks must call this. Eager only: a model under ``torch.compile`` is a ``ValueError``.
