@@ -7,7 +7,7 @@ import torch
 from syncnorm.testing import run_ranks
 from syncnorm.train.config import from_dict, to_dict
 from syncnorm.train.data import UnevenShardSampler, uneven_step_samples
-from syncnorm.train.errors import DataError
+from syncnorm.train.errors import ConfigError, DataError
 from syncnorm.train.loop import train
 from trainkit import QUIET
 
@@ -62,3 +62,10 @@ def test_uneven_shard_training_equals_one_process_with_the_global_batch(tmp_path
 def test_uneven_shard_needs_drop_last_false(tmp_path):
     with pytest.raises(DataError, match="expected train.drop_last=false"):
         train(from_dict(_config(str(tmp_path / "x"), 4, drop_last=True)), reporter=QUIET)
+
+
+def test_uneven_shard_refuses_compile(tmp_path):
+    cfg = _config(str(tmp_path / "c"), 4)
+    cfg["train"]["compile"] = True
+    with pytest.raises(ConfigError, match="expected train.compile=false"):
+        train(from_dict(cfg), reporter=QUIET)
