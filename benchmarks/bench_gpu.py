@@ -24,7 +24,7 @@ compiled variant compiles in its first warm-up call). A variant that fails is re
 ResNet with ResNet-50's blocks, a few rounds, a wall-clock timer, the ``eager`` compile backend); torch's
 SyncBN kernels are CUDA-only, so its column reads n/a there. Its numbers mean nothing.
 
-    python benchmarks/bench_gpu.py                       # on a GPU, ~3 minutes (compiling included)
+    python benchmarks/bench_gpu.py                       # on a GPU: a few minutes, most of it compiling
     python benchmarks/bench_gpu.py --dry --out /tmp/bench_gpu.json
 """
 

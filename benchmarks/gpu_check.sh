@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one command: versions, tests/test_gpu.py, benchmarks/bench_gpu.py (docs/performance.md, "GPU").
 #
-#   bash benchmarks/gpu_check.sh          # on a machine with a CUDA device: ~5-7 minutes
-#   bash benchmarks/gpu_check.sh --dry    # anywhere: the same steps on the CPU (what CI runs), < 1 min
+#   bash benchmarks/gpu_check.sh          # on a machine with a CUDA device: at most ~7 minutes (timeouts)
+#   bash benchmarks/gpu_check.sh --dry    # anywhere: the same steps on the CPU (what CI runs), ~1 min
 #   --tests-only / --bench-only           # one of the two steps (a rerun that fits a short lease)
 #
 # Uses only what is installed (torch, torchvision, pytest; no pip install): the checkout goes on
