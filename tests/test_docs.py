@@ -224,8 +224,8 @@ def _script_options():
     wanted = {}
     for path in DOCS:
         for command in _commands(_read(path)):
-            for script, rest in re.findall(r"((?:launch|benchmarks)/\w+\.py)((?:\s+(?!&&|\||(?:launch|benchmarks)/)\S+)*)",
-                                           command):
+            script_then_options = r"((?:launch|benchmarks)/\w+\.py)((?:\s+(?!&&|\||(?:launch|benchmarks)/)\S+)*)"
+            for script, rest in re.findall(script_then_options, command):
                 options = wanted.setdefault(script, {})
                 for option in re.findall(r"(?<!\S)(--[\w-]+)", rest):
                     options.setdefault(option, _rel(path))
@@ -341,7 +341,8 @@ def _run_usage_on_rank(rank, world_size, snippet, workdir=None):
     exported = {}
     if "outputs" in namespace:  # the export example ran on this rank
         with torch.no_grad():
-            exported = {"onnx": torch.from_numpy(namespace["outputs"][0]), "eager": namespace["plain"](namespace["example"]),
+            exported = {"onnx": torch.from_numpy(namespace["outputs"][0]),
+                        "eager": namespace["plain"](namespace["example"]),
                         "plain_classes": sorted({type(m).__name__ for m in namespace["plain"].modules()
                                                  if isinstance(m, _BatchNorm)}),
                         "files": sorted(os.listdir("."))}

@@ -459,7 +459,8 @@ def test_progress_bar_and_hints_at_80_columns():
     buffer.truncate()
     reporter.summary([("evaluate", command)])
     reporter.info(f"to continue: {command} --resume auto")
-    assert f"evaluate {command}\n" in buffer.getvalue() and f"to continue: {command} --resume auto\n" in buffer.getvalue()
+    printed = buffer.getvalue()
+    assert f"evaluate {command}\n" in printed and f"to continue: {command} --resume auto\n" in printed
 
 
 # --------------------------------------------------------------------------- curves.png

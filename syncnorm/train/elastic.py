@@ -10,8 +10,8 @@ traceback see ...", also when torchrun stopped rank 0 before it could print it.
 
 Plain torchrun still ends with its own traceback of ``ChildFailedError`` and exits with status 1 for
 any failure: torch has no switch for either (``@record`` only copies the error file for a scheduler).
-``launch/run.py`` (:func:`main`) is torchrun itself (same options, ``torch.distributed.run``)
-that catches ``ChildFailedError`` and ``SignalException``: it ends with the first failed rank's one line and exits with that
+``launch/run.py`` (:func:`main`) is torchrun itself (same options, ``torch.distributed.run``) that
+catches ``ChildFailedError`` and ``SignalException``: it ends with the first failed rank's one line and exits with that
 rank's status (2 a mistake to fix, 1 a failed run; 128 + N for signal N, 130 for Ctrl-C).
 """
 

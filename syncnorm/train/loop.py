@@ -383,7 +383,8 @@ def finish(run: Run, run_start: float) -> RunResult:
             ("total time", f"{total:.1f} s for {len(metrics) - (run.start_epoch - 1)} epoch(s) on "
                            f"{run.info.world_size} rank(s)"),
             ("run dir", f"{run_dir}/  config.yaml  metrics.jsonl  ckpt_epoch{{N}}.pt "
-                        f"(last {run.cfg.train.keep_checkpoints})  logs/rank{{N}}.log" + ("  curves.png" if drawn else "")),
+                        f"(last {run.cfg.train.keep_checkpoints})  logs/rank{{N}}.log"
+                        + ("  curves.png" if drawn else "")),
             ("evaluate", f"{eval_command()} --checkpoint {last_path}"),
         ])
     return RunResult(metrics, run.model_without_ddp, run_dir, last_path, run.resumed_from)
