@@ -155,6 +155,51 @@ def test_zero_redundancy_optimizer_three_ranks():
     _check(results, _reference(THREE_RANKS, 3, owners=_owners(results)))
 
 
+def _accumulate_rank(rank, world, steps):
+    """Gradient accumulation: two micro-batches per optimizer step, the first under ``no_sync``."""
+    net = _net(syncnorm.SyncBatchNorm)
+    model = DistributedDataParallel(net, **_NO_BUFFER_SYNC)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    outputs = []
+    with syncnorm.join(model):
+        for step, (first, second) in enumerate(steps[rank]):
+            with model.no_sync():
+                out = model(_batch(rank, 0, 2 * step, first))
+                _loss(out).backward()
+            outputs.append(out.detach())
+            out = model(_batch(rank, 0, 2 * step + 1, second))
+            _loss(out).backward()
+            outputs.append(out.detach())
+            optimizer.step()
+            optimizer.zero_grad()
+    return outputs, _state(net)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_with_no_sync():
+    # Per rank, per optimizer step: the sizes of its two micro-batches; ranks run 2, 4 and 1 steps.
+    steps = [[(4, 3), (2, 5)], [(3, 3), (4, 2), (5, 4), (2, 3)], [(4, 4)]]
+    results = run_ranks(_accumulate_rank, 3, steps, timeout=120, pg_timeout=30)
+    # One process: each micro-batch is BatchNorm over the running ranks' micro-batches; the gradients
+    # of a step's two micro-batches add up and are divided by the initial world size.
+    net = _net(nn.BatchNorm1d)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    outputs = [[] for _ in steps]
+    for step in range(max(len(s) for s in steps)):
+        active = [r for r in range(3) if step < len(steps[r])]
+        for micro in range(2):
+            pieces = [_batch(r, 0, 2 * step + micro, steps[r][step][micro]) for r in active]
+            out = net(torch.cat(pieces))
+            _loss(out).backward()
+            for r, piece in zip(active, out.split([p.size(0) for p in pieces])):
+                outputs[r].append(piece.detach())
+        for p in net.parameters():
+            p.grad /= 3
+        optimizer.step()
+        optimizer.zero_grad()
+    _check(results, (outputs, _state(net)))
+
+
 def _forward_only_rank(rank, world, epochs):
     """No DDP, no gradients: a model in training mode whose forward passes move the running statistics
     (what a precise-BN pass does)."""
