@@ -250,15 +250,18 @@ def meta(device: torch.device, args) -> dict:
 
 
 def write_json(result: dict, path: str) -> None:
-    """Written after every row, through a rename: a run stopped by a timeout leaves what it measured."""
+    """The JSON and, beside it (``.md``), the tables; rewritten after every row, each through a rename, so a
+    run stopped by a timeout leaves what it measured."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     slim = json.loads(json.dumps(result))
     for row in slim["layers"] + ([slim["train_step"]] if slim.get("train_step") else []):
         for summary in row["times"].values():
             summary.pop("samples_ms", None)
-    with open(path + ".tmp", "w") as f:
-        json.dump(slim, f, indent=1)
-    os.replace(path + ".tmp", path)
+    tables_path = os.path.splitext(path)[0] + ".md"
+    for target, text in ((path, json.dumps(slim, indent=1)), (tables_path, tables(result) + "\n")):
+        with open(target + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(target + ".tmp", target)
 
 
 def cell(summary: Optional[dict]) -> str:

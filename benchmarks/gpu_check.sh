@@ -8,7 +8,7 @@
 # Uses only what is installed (torch, torchvision, pytest; no pip install): the checkout goes on
 # PYTHONPATH. Each step runs under its own `timeout` and streams its log into $OUT (else runs/gpu/) as
 # it goes, so a run cut short still leaves what it did: versions.txt, tests.log, tests.xml, bench.log,
-# bench_gpu.json, summary.txt. Without a CUDA device the script says so and runs the dry mode.
+# bench_gpu.json, bench_gpu.md (the tables), summary.txt. Without a CUDA device the script says so and runs the dry mode.
 # Environment: PYTHON (default python3); TOTAL_BUDGET, the seconds the whole run aims at (default 420);
 # TESTS_TIMEOUT (default 240) and BENCH_TIMEOUT (default: what is left of TOTAL_BUDGET, at least 150).
 set -uo pipefail

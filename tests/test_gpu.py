@@ -404,7 +404,8 @@ def test_gpu_check_script_dry_run_writes_its_logs_and_tables(tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert re.search(r"^torch \S+, CUDA \S+, NCCL \S+", output, re.M), output[:2000]
-    for name in ("versions.txt", "tests.log", "tests.xml", "bench.log", "bench_gpu.json", "summary.txt"):
+    for name in ("versions.txt", "tests.log", "tests.xml", "bench.log", "bench_gpu.json", "bench_gpu.md",
+                 "summary.txt"):
         assert (tmp_path / name).is_file(), f"{name} missing from $OUT: {sorted(os.listdir(tmp_path))}"
     suite = ElementTree.parse(tmp_path / "tests.xml").getroot().find("testsuite")
     counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
