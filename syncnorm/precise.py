@@ -10,7 +10,8 @@ combination in the same order gives every rank the same bits.
 Collectives: one ``all_gather`` of the packet length and one of the packet (``1 + 2C`` float64 per
 layer) at the end; when the model communicates in its forward (synced layers, FSDP), also one
 ``all_gather`` of ``3 + 8`` float64 per forward of the default group, which says which ranks still
-have a batch and the input shape a rank that ran out copies for its stand-in forward.
+have a batch and the input shape a rank that ran out copies for its stand-in forward (an empty batch,
+run once by every rank together the first time one is needed).
 """
 
 import sys
@@ -174,7 +175,8 @@ def update_bn_stats(
     Ranks may have different numbers and sizes of batches. When the model communicates in its forward
     (synced layers, FSDP), a rank that has run out runs the model on an empty batch of the same shape
     until every rank is done, so that it joins every collective and adds nothing (the model must accept
-    a batch of 0 samples; most do). All ranks must call this, with the same model.
+    a batch of 0 samples; most do: every rank runs one together first, so one that does not raises
+    ``ValueError`` on every rank). All ranks must call this, with the same model.
 
     Args:
         model: the model, plain or wrapped in ``DistributedDataParallel`` (its ``module`` runs, without
@@ -235,6 +237,7 @@ def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], dev
     lockstep = comm.world_size() > 1 and _communicates_in_forward(net)
     iterator = iter(batches)
     done = 0
+    probed = False
     while True:
         input = None
         if num_batches is None or done < num_batches:
@@ -259,6 +262,12 @@ def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], dev
                                 "(see the error on that rank); all ranks stop here instead of waiting for it")
             if not gathered[:, 0].any():
                 return
+            if not probed and not gathered[:, 0].all():
+                # The first time a rank stands in, every rank runs the empty batch once, together: a model
+                # that cannot take one then fails on every rank at the same op, instead of on the
+                # stand-in rank alone while the others wait in a collective.
+                probed = True
+                _probe_empty_batch(net, _stand_in_input(gathered, comm_device if device is None else torch.device(device)))
             if input is None:
                 net(_stand_in_input(gathered, comm_device if device is None else torch.device(device)))
                 continue
@@ -268,6 +277,20 @@ def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], dev
         done += 1
         if progress:
             progress(done, total)
+
+
+def _probe_empty_batch(net: nn.Module, empty: Tensor) -> None:
+    """One forward of an empty batch on every rank; a model that refuses it raises the same error everywhere."""
+    try:
+        net(empty)
+    except Exception as error:
+        raise ValueError(
+            f"update_bn_stats expected a model that accepts a batch of 0 samples (got {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''} for input shape {list(empty.shape)}): a rank that "
+            "has run out of batches runs one to join the other ranks' collectives; give every rank the same "
+            "number of batches (e.g. num_batches=), or make the forward accept an empty batch "
+            "(torch.flatten(x, 1) instead of x.view(x.size(0), -1))"
+        ) from error
 
 
 def _pool_and_store(layers: List[_BatchNorm], totals: List[_LayerStats], group, device: torch.device) -> None:

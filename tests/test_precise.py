@@ -246,3 +246,28 @@ def test_bad_input_on_one_rank_raises_on_every_rank():
     (first, mean0), (second, mean1) = run_ranks(_bad_input_on_rank, 2, timeout=120, pg_timeout=20)
     assert "rank(s) 1" in first and "expected batches whose input is a tensor" in second
     assert torch.equal(mean0, make_model()[1].running_mean) and torch.equal(mean1, mean0)  # restored
+
+
+class _ViewFlatten(nn.Module):
+    """``x.view(x.size(0), -1)``: fails on a batch of 0 samples (the -1 is ambiguous)."""
+
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+def _no_empty_batch_on_rank(rank, world_size):
+    model = syncnorm.convert_sync_batchnorm(make_model())
+    model[5] = _ViewFlatten()
+    batches = [x for x, _ in rank_batches(rank, [[2, 3], [4]])]
+    try:
+        syncnorm.update_bn_stats(model, batches)
+    except ValueError as error:
+        return str(error), int(model[1].num_batches_tracked)
+    return None, None
+
+
+def test_model_refusing_an_empty_batch_fails_on_every_rank():
+    results = run_ranks(_no_empty_batch_on_rank, 2, timeout=120, pg_timeout=20)
+    for message, tracked in results:
+        assert message is not None and "accepts a batch of 0 samples" in message and "num_batches=" in message
+        assert tracked == 11  # restored
