@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from syncnorm import comm
+from syncnorm._compat import is_compiling
 from syncnorm.module import SyncBatchNorm
 
 __all__ = ["join", "CollectiveRecorder"]
@@ -81,6 +82,7 @@ class CollectiveRecorder:
     def __enter__(self) -> "CollectiveRecorder":
         if comm._observer is not None:
             raise RuntimeError("expected one CollectiveRecorder at a time (got a second one inside the first)")
+        self._refuse_compiled = _refusal()
         for layer in self.model.modules():
             if isinstance(layer, SyncBatchNorm):
                 self._handles.append(layer.register_forward_pre_hook(self._enter_layer))
@@ -144,6 +146,8 @@ class CollectiveRecorder:
         self._call = None
 
     def _observe(self, kind: str, tensor: Tensor, group) -> None:
+        if is_compiling():
+            self._refuse_compiled()
         if self._replaying or self.events is None:
             return
         if kind == "gather" and self._call is not None:
@@ -154,6 +158,30 @@ class CollectiveRecorder:
                 self._call_recorded = True
             return
         self.events.append((kind, tensor.numel(), tensor.dtype, tensor.device, group))
+
+
+def _raise_compiled() -> None:
+    raise ValueError(
+        "syncnorm.join expected synced layers that run eagerly (got one inside a function compiled by "
+        "torch.compile); run the iterations inside syncnorm.join without torch.compile"
+    )
+
+
+_REFUSE_COMPILED = None  # made on first use: importing torch._dynamo takes about a second
+
+
+def _refusal():
+    """``_raise_compiled`` hidden from dynamo, so that it raises when the graph runs, not while tracing:
+    dynamo answers an exception at trace time by running the frame eagerly, parts of it compiled, which
+    would not keep the ranks' running statistics bitwise equal (a graph would also keep the side group
+    and never report its collectives to the recorder). Raised before the collective, at the same call
+    on every running rank."""
+    global _REFUSE_COMPILED
+    if _REFUSE_COMPILED is None:
+        import torch._dynamo
+
+        _REFUSE_COMPILED = torch._dynamo.disable(_raise_compiled)
+    return _REFUSE_COMPILED
 
 
 def _synced_groups(model: nn.Module) -> List[Any]:
@@ -297,7 +325,8 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
     (the stand-in repeats one iteration; evaluate outside the context); a rank that runs out before its first iteration there needs an
     iteration recorded in an earlier ``join`` of the same model, else every rank raises ``ValueError``.
     The synced layers' collectives go over a side process group with the same ranks, created on first
-    entry. All ranks must call this. Eager only: a model under ``torch.compile`` is a ``ValueError``.
+    entry. All ranks must call this. Eager only: a model under ``torch.compile`` is a ``ValueError`` on
+    entry, a compiled function inside its forward one at its first synced layer.
 
     Args:
         model: the ``DistributedDataParallel`` model, or a model without DDP (e.g. for forward-only

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import syncnorm
+from syncnorm._compat import COMPILE_MIN_TORCH, TORCH_VERSION
 from syncnorm.testing import RankFailure, run_ranks
 
 LR = 0.1
@@ -264,6 +265,44 @@ def test_compiled_model_is_one_clear_error():
         with pytest.raises(ValueError, match="expected an eager model"):
             with syncnorm.join(compiled):
                 pass
+
+
+class _CompiledInside(nn.Module):
+    """A model whose forward calls a compiled function: nothing on entry shows that it compiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _net(syncnorm.SyncBatchNorm)
+        self.run = torch.compile(self.net.forward)
+
+    def forward(self, x):
+        return self.run(x)
+
+
+def _compiled_inside_rank(rank, world, epochs):
+    wrapper = _CompiledInside()
+    model = DistributedDataParallel(wrapper, **_NO_BUFFER_SYNC)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    outputs = []
+    with syncnorm.join(model):
+        for step, size in enumerate(epochs[0][rank]):
+            out = model(_batch(rank, 0, step, size))
+            _loss(out).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            outputs.append(out.detach())
+    return outputs, _state(wrapper.net)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCH_VERSION < COMPILE_MIN_TORCH, reason="synced layers compile from torch 2.9 on")
+def test_compiled_function_inside_the_model_is_one_clear_error():
+    # Not visible on entry; the first synced collective the graph would send raises on every rank.
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_compiled_inside_rank, 2, TWO_RANKS, timeout=300, pg_timeout=120)
+    text = str(failure.value)
+    assert "2 of 2 ranks failed" in text and "no result" not in text
+    assert text.count("expected synced layers that run eagerly") == 2
 
 
 def test_one_process_is_plain():
