@@ -220,6 +220,28 @@ def test_forward_only_model_without_ddp():
     _check(results, _reference(epochs, 2, grad=False))
 
 
+def _recorder_rank(rank, world, sizes):
+    """The internal record/replay API without Join: each rank knows how many iterations to replay."""
+    from syncnorm.join import CollectiveRecorder, side_groups
+
+    net = _net(syncnorm.SyncBatchNorm)
+    recorder = CollectiveRecorder(net)
+    outputs = []
+    with torch.no_grad(), side_groups(net), recorder:
+        for step, size in enumerate(sizes[rank]):
+            recorder.begin_iteration()
+            outputs.append(net(_batch(rank, 0, step, size)))
+        for _ in range(max(len(s) for s in sizes) - len(sizes[rank])):
+            recorder.replay()
+    return outputs, _state(net)
+
+
+def test_record_and_replay_api_forward_only():
+    sizes = [[3], [2, 4, 3]]
+    results = run_ranks(_recorder_rank, 2, sizes, timeout=120, pg_timeout=30)
+    _check(results, _reference([sizes], 2, grad=False))
+
+
 def _bad_input_rank(rank, world, counts, bad_rank, bad_step):
     model = DistributedDataParallel(_net(syncnorm.SyncBatchNorm))
     with syncnorm.join(model):
