@@ -322,8 +322,9 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
       ranks still running); DDP then broadcasts the final model from a rank that ran last.
 
     Every iteration inside the context must call the same synced layers in the same order and mode
-    (the stand-in repeats one iteration; evaluate outside the context); a rank that runs out before its first iteration there needs an
-    iteration recorded in an earlier ``join`` of the same model, else every rank raises ``ValueError``.
+    (the stand-in repeats one iteration; evaluate outside the context); a rank that runs out before
+    its first iteration there needs an iteration recorded in an earlier ``join`` of the same model,
+    else every rank raises ``ValueError``.
     The synced layers' collectives go over a side process group with the same ranks, created on first
     entry. All ranks must call this. Eager only: a model under ``torch.compile`` is a ``ValueError`` on
     entry, a compiled function inside its forward one at its first synced layer.
@@ -374,16 +375,16 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
         dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=session.side)
         session.check_pending = mine.item() != 0
         hooks = []
-        if ddp is None:
-            def announce(module: nn.Module, args: tuple) -> None:
-                # Join requires its first Joinable to announce every iteration before its collectives.
-                Join.notify_join_context(joinable)
-
-            hooks.append(root.register_forward_pre_hook(announce))
-        else:
-            _patch_ddp(ddp, session)
-        hooks.append(root.register_forward_pre_hook(session.begin_iteration))
         try:
+            if ddp is None:
+                def announce(module: nn.Module, args: tuple) -> None:
+                    # Join requires its first Joinable to announce every iteration before its collectives.
+                    Join.notify_join_context(joinable)
+
+                hooks.append(root.register_forward_pre_hook(announce))
+            else:
+                _patch_ddp(ddp, session)
+            hooks.append(root.register_forward_pre_hook(session.begin_iteration))
             with Join([joinable, *other_joinables], **join_kwargs):
                 yield
         finally:
