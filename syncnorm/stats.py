@@ -52,11 +52,15 @@ def local_stats(input: Tensor) -> Tuple[int, Tensor, Tensor]:
     count = local_count(input)
     channels = input.size(1)
     dtype = stats_dtype(input.dtype)
+    reduce_dims = [0] + list(range(2, input.dim()))
     if count == 0:
-        zeros = torch.zeros(channels, dtype=dtype, device=input.device)
+        # Zeros computed *from the input*, not made from nothing: under torch.compile the partitioner
+        # copies into the backward graph every forward op that does not depend on a forward input,
+        # which made an empty rank's statistics all_gather run a second time in its backward, out of
+        # step with the other ranks. A sum over an empty tensor is zero and keeps that dependency.
+        zeros = input.sum(dim=reduce_dims, dtype=dtype)
         return 0, zeros, zeros.clone()
     if is_compiling():
-        reduce_dims = [0] + list(range(2, input.dim()))
         var, mean = torch.var_mean(as_dtype(input, dtype), dim=reduce_dims, correction=0)
         return count, mean, var
     if input.dtype == dtype:
@@ -202,7 +206,9 @@ def grad_sums_scaled(
     the global ``sum(dy * (x - mean))``, which is all ``input_grad_from_sums`` needs.
     """
     if local_count(input) == 0:
-        zeros = torch.zeros_like(mean)
+        # Zeros computed from grad_output, for the reason given in local_stats: made from nothing, the
+        # backward sum's input would let the compiler run that collective in the forward graph too.
+        zeros = grad_output.sum(dim=[0] + list(range(2, grad_output.dim())), dtype=mean.dtype)
         return zeros, zeros.clone()
     _, grad_weight, sum_dy = torch.ops.aten.native_batch_norm_backward(
         grad_output, input, None, mean, var, None, None, False, eps, [False, True, True]
@@ -243,7 +249,11 @@ def input_grad_from_sums(
     ``dx = weight * invstd * (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu)`` with the global means.
     """
     if input.numel() == 0:
-        return torch.empty_like(input)  # keeps the memory format, which the kernel does not when empty
+        # Made from grad_output (same shape, and the memory format the output had), not from input:
+        # under torch.compile a gradient that does not depend on the incoming gradient is computed in
+        # the forward graph, and with it every backward sum of the layers before this one (see
+        # local_stats), which then leave the backward graph and pair with the wrong collectives.
+        return torch.empty_like(grad_output)
     scale, scale_over_count = scales
     # Both coefficients in one op: row 0 is the offset -scale * mean_dy, row 1 the slope
     # -scale * invstd * mean_dy_xmu (the kernel multiplies by the other invstd).

@@ -254,3 +254,100 @@ def test_compiling_on_a_torch_too_old_for_it_runs_eagerly_or_fails_clearly():
         assert error <= 1e-6, (rank, error)
     for rank, message in enumerate(run_ranks(_compiled_on_old_torch, 2, True, timeout=TIMEOUT)):
         assert "syncnorm under torch.compile needs torch >= 2.9 (this is" in message, (rank, message)
+
+
+# Empty ranks under torch.compile: every rank's compiled forward and backward must issue the same
+# collectives, whatever its batch size (a size-0 batch is specialized into its own graph). Each rank
+# has one non-empty size; the masks say which ranks are empty at each step: first, middle, last, two.
+EMPTY_SIZES = {2: [4, 3], 3: [4, 3, 5]}
+EMPTY_MASKS = {2: [(0, 1), (1, 0), (1, 1)], 3: [(0, 1, 1), (1, 0, 1), (1, 1, 0), (0, 0, 1)]}
+
+
+def _small_convnet():
+    """Conv -> BatchNorm2d -> ReLU -> Linear -> BatchNorm1d: a converted model that compiles quickly."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 6),
+        nn.BatchNorm1d(6),
+    )
+
+
+def _empty_rank_models():
+    """(name, plain BatchNorm model, its input shape) for the layer and the converted model."""
+    torch.manual_seed(0)
+    layer = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 1.5, 4))
+        layer.bias.copy_(torch.linspace(-0.3, 0.3, 4))
+    return [("layer", layer.double(), (4, 6)), ("model", _small_convnet().double(), (2, 6, 6))]
+
+
+def _compiled_with_empty_ranks(rank, world_size, backend):
+    """Train each compiled synced model through the empty-rank steps; return, per model and quantity,
+    the largest relative difference from BatchNorm in one process on the concatenated batch."""
+    import torch.distributed as dist
+
+    sizes_when_full, masks = EMPTY_SIZES[world_size], EMPTY_MASKS[world_size]
+    worst = {}
+    for name, reference, shape in _empty_rank_models():
+        _fresh_compile_state()
+        synced = syncnorm.convert_sync_batchnorm(copy.deepcopy(reference))
+        compiled = torch.compile(synced, fullgraph=True, backend=backend)
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, synced)]
+
+        def note(key, actual, expected):
+            assert actual.shape == expected.shape, (key, actual.shape, expected.shape)
+            error = 0.0
+            if actual.numel():
+                error = (actual - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+            worst[f"{name} {key}"] = max(worst.get(f"{name} {key}", 0.0), error)
+
+        for step, mask in enumerate(masks):
+            sizes = [size * full for size, full in zip(sizes_when_full, mask)]
+            parts = [_batch(r, step, shape, torch.float64, sizes) for r in range(world_size)]
+            global_x = torch.cat(parts).requires_grad_()
+            local_x = parts[rank].clone().requires_grad_()
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            y_ref = reference(global_x)
+            upstream = torch.linspace(-1, 1, y_ref.numel(), dtype=y_ref.dtype).view_as(y_ref)
+            (y_ref * upstream).sum().backward()
+            y = compiled(local_x)
+            start = sum(sizes[:rank])
+            (y * upstream[start : start + sizes[rank]]).sum().backward()
+            note("output", y.detach(), y_ref.detach()[start : start + sizes[rank]])
+            note("input grad", local_x.grad, global_x.grad[start : start + sizes[rank]])
+            for param in synced.parameters():  # the sum DDP would form (up to its 1/world_size)
+                dist.all_reduce(param.grad)
+            for (key, p_ref), p in zip(reference.named_parameters(), synced.parameters()):
+                note(f"{key}.grad", p.grad, p_ref.grad)
+            for optimizer in optimizers:
+                optimizer.step()
+            for (key, b_ref), b in zip(reference.named_buffers(), synced.buffers()):
+                note(key, b.double(), b_ref.double())
+    return worst
+
+
+def _assert_empty_ranks_exact(world_size, backend):
+    # A rank that meets a new batch size compiles again while the others wait in a collective: the
+    # process-group timeout leaves room for that.
+    results = run_ranks(_compiled_with_empty_ranks, world_size, backend, timeout=TIMEOUT, pg_timeout=180.0)
+    for rank, worst in enumerate(results):
+        bad = {key: error for key, error in worst.items() if not error <= 1e-10}
+        assert not bad, f"rank {rank}: compiled with empty ranks differs from BatchNorm: {bad}"
+        assert any("num_batches_tracked" in key for key in worst) and len(worst) > 10, worst
+
+
+@pytest.mark.parametrize(
+    "world_size, backend",
+    [
+        (3, "aot_eager"),
+        pytest.param(2, "aot_eager", marks=pytest.mark.slow),
+        pytest.param(3, "inductor", marks=pytest.mark.slow),
+        pytest.param(2, "inductor", marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_empty_ranks_match_batchnorm_on_the_global_batch(world_size, backend):
+    # The empty rank first, in the middle, last (and two empty ranks at 3 ranks); the layer and a
+    # converted model. The default case compiles with aot_eager: the ranks' graphs parted ways in
+    # AOTAutograd's forward/backward partition, which aot_eager runs without inductor's code generation.
+    _assert_empty_ranks_exact(world_size, backend)
