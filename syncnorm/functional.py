@@ -5,6 +5,8 @@ step; deciding *whether* to sync (eval mode, one rank, no process group) is the 
 and ``sync_batch_norm`` makes that decision for functional users.
 """
 
+import collections
+import weakref
 from typing import List, Optional
 
 import torch
@@ -31,6 +33,94 @@ def host_reads_allowed(input: Tensor) -> bool:
 _HOST_READS = True
 
 
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread.
+
+    A synced layer's forward that runs then is an activation checkpoint's recompute: reentrant
+    ``torch.utils.checkpoint`` reruns the checkpointed function inside its backward, and the
+    non-reentrant one inside the unpacking of a saved tensor, both in the engine.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are installed: non-reentrant checkpointing runs its forward under them."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # pragma: no cover - a torch that cannot tell: keep a record, to be safe
+        return True
+    try:
+        return top(False) is not None
+    except TypeError:  # pragma: no cover - older torch takes no argument
+        return top() is not None
+
+
+class _Record:
+    """One synced forward's results: the local statistics packet that identifies its input, and what
+    the exchange gave (global mean and variance, global count)."""
+
+    __slots__ = ("order", "local", "mean", "var", "total", "__weakref__")
+
+    def __init__(self, order, local, mean, var, total) -> None:
+        self.order, self.local, self.mean, self.var, self.total = order, local, mean, var, total
+
+
+class ForwardRecords:
+    """What one synced layer's recent forwards computed, so that an activation checkpoint's recompute
+    of one of them reuses it: no second collective and no second running-statistics update.
+
+    A forward that runs with gradients on under saved-tensor hooks (non-reentrant checkpointing) keeps
+    its record on its autograd node, so the record lives exactly as long as the graph that can
+    recompute it. A training forward with gradients off (reentrant checkpointing runs the function so
+    the first time) has no node: its record joins a queue of the last ``UNTIED_LIMIT`` such forwards.
+    Forwards with gradients on and no hooks cannot be recomputed and keep nothing.
+
+    A recompute finds its record by the bits of its local statistics packet (count, mean, variance):
+    the same input gives the same packet, a different input almost surely does not, and then it is an
+    error, not stale statistics.
+    """
+
+    UNTIED_LIMIT = 64
+
+    def __init__(self) -> None:
+        self._tied: List["weakref.ref[_Record]"] = []
+        self._untied = collections.deque(maxlen=self.UNTIED_LIMIT)
+        self._added = 0
+
+    def __reduce__(self):
+        # A copied or pickled layer starts with no records: they belong to this process's graphs.
+        return (ForwardRecords, ())
+
+    @staticmethod
+    def wanted() -> bool:
+        """Whether a synced forward that runs now could be recomputed by a checkpoint."""
+        return not torch.is_grad_enabled() or _saved_tensor_hooks_active()
+
+    def add(self, owner, local: Tensor, mean, var, total) -> None:
+        """Keep a forward's results; ``owner`` is its autograd context, or None without gradients."""
+        self._added += 1
+        record = _Record(self._added, local, mean, var, total)
+        if owner is None:
+            self._untied.append(record)
+            return
+        owner.syncnorm_record = record  # the node holds the record; the layer only a weak reference
+        self._tied = [ref for ref in self._tied if ref() is not None]
+        self._tied.append(weakref.ref(record))
+
+    def find(self, local: Tensor) -> _Record:
+        """The newest kept forward whose local statistics equal ``local`` bit for bit."""
+        candidates = [record for record in (ref() for ref in self._tied) if record is not None]
+        candidates += list(self._untied)
+        for record in sorted(candidates, key=lambda record: record.order, reverse=True):
+            if record.local.shape == local.shape and torch.equal(record.local, local):
+                return record
+        raise ValueError(
+            "SyncBatchNorm expected a recomputed forward (activation checkpointing) to see the same input "
+            f"as an earlier forward of this layer (got an input whose statistics match none of the "
+            f"{len(candidates)} forwards kept); make the checkpointed function deterministic "
+            "(preserve_rng_state=True, the same inputs), or do not run the model inside a backward pass"
+        )
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm whose statistics span every rank of ``process_group``. All ranks must call it.
 
@@ -52,13 +142,21 @@ class SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         momentum: stats.Scalar,
         process_group: comm.ProcessGroup,
+        records: Optional[ForwardRecords] = None,
+        keep_on_node: bool = False,
     ) -> Tensor:
         count, mean, var = stats.local_stats(input)
-        # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
-        # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
-        gathered = comm.all_gather(stats.pack_stats(count, mean, var), process_group)
+        local = stats.pack_stats(count, mean, var)
         ctx.process_group = process_group
         ctx.eps = eps
+        if records is not None and in_backward():
+            # A checkpoint's recompute: the original forward already synced and updated the running
+            # statistics; reuse its results so that the output and what is saved for backward are
+            # the same bits as the first time, with no collective.
+            return _replay(ctx, input, weight, bias, eps, records.find(local))
+        # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
+        # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
+        gathered = comm.all_gather(local, process_group)
         if host_reads_allowed(input):
             # The counts as Python numbers (one small copy): the checks and weights cost no ops.
             counts = gathered.select(1, 0).tolist()
@@ -71,6 +169,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 # as they are (as in BatchNorm). Every rank knows this, so backward sends nothing.
                 ctx.total = 0
                 ctx.save_for_backward(input, weight)
+                if records is not None:
+                    records.add(ctx if keep_on_node else None, local, None, None, 0)
                 return torch.empty_like(input)
             global_mean, global_var = stats.combine_gathered(gathered, counts)
         else:
@@ -80,6 +180,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             global_mean, global_var = stats.combine_stats(*stats.unpack_stats(gathered))
         ctx.total = total
         stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
+        if records is not None:
+            records.add(ctx if keep_on_node else None, local, global_mean, global_var, total)
         # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
         ctx.save_for_backward(input, weight, global_mean, global_var)
         return stats.normalize(input, global_mean, global_var, weight, bias, eps)
@@ -95,7 +197,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 torch.zeros_like(input) if need_input_grad else None,
                 zeros if need_weight_grad else None,
                 zeros.clone() if need_bias_grad and zeros is not None else None,
-                None, None, None, None, None,
+                None, None, None, None, None, None, None,
             )
 
         input, weight, mean, var = ctx.saved_tensors
@@ -119,7 +221,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grad_weight = stats.as_dtype(grad_weight_local, weight.dtype)
         if need_bias_grad:
             grad_bias = stats.as_dtype(sum_dy, weight.dtype if weight is not None else grad_output.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _replay(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, record: _Record) -> Tensor:
+    """The forward's result and saved tensors from a recorded forward, exactly as that forward left them."""
+    ctx.total = record.total
+    if isinstance(record.total, int) and record.total == 0:
+        ctx.save_for_backward(input, weight)
+        return torch.empty_like(input)
+    ctx.save_for_backward(input, weight, record.mean, record.var)
+    return stats.normalize(input, record.mean, record.var, weight, bias, eps)
 
 
 def _one_value_message(detail: str = "") -> str:
@@ -189,6 +301,7 @@ def sync_batch_norm(
     eps: float = 1e-5,
     process_group: comm.ProcessGroup = None,
     num_features: Optional[int] = None,
+    records: Optional[ForwardRecords] = None,
 ) -> Tensor:
     r"""Batch normalization whose batch statistics span all ranks of ``process_group``.
 
@@ -211,6 +324,10 @@ def sync_batch_norm(
         process_group: group to synchronize over; None means the default group.
         num_features: expected channel count, for the error message of a mismatching input;
             defaults to the length of ``weight``/``bias``/``running_mean``/``running_var``.
+        records: a :class:`ForwardRecords` that makes the call checkpoint-aware (as
+            :class:`syncnorm.SyncBatchNorm` passes its own): a forward recomputed by activation
+            checkpointing reuses the recorded results of the original one, with no collective and no
+            running-statistics update. None: every call syncs.
 
     Example::
 
@@ -223,9 +340,14 @@ def sync_batch_norm(
     synced = training and comm.world_size(process_group) > 1
     if synced and is_compiling():
         check_compile_supported()
+    if records is not None and (is_compiling() or not (in_backward() or records.wanted())):
+        # Compiled graphs recompute inside the graph, never by rerunning this; and a forward that no
+        # checkpoint can rerun needs no record.
+        records = None
     problem = input_error(input, expected)
     if problem is not None:
-        if synced and expected is not None:
+        # A recompute sends nothing (the other ranks are in their backward): it only raises.
+        if synced and expected is not None and not (records is not None and in_backward()):
             dtype = stats.stats_dtype(input.dtype) if input.is_floating_point() else torch.float32
             gathered = comm.all_gather(stats.invalid_packet(expected, dtype, input.device), process_group)
             if is_compiling():
@@ -237,6 +359,10 @@ def sync_batch_norm(
         raise ValueError(f"SyncBatchNorm {problem}")
     if not synced:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    # A record can live on the autograd node only when the call makes one.
+    keep_on_node = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (input, weight, bias)
+    )
     return SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, process_group
+        input, weight, bias, running_mean, running_var, eps, momentum, process_group, records, keep_on_node
     )

@@ -8,7 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncnorm import comm
 from syncnorm._compat import is_compiling
-from syncnorm.functional import host_reads_allowed, input_error, sync_batch_norm
+from syncnorm.functional import ForwardRecords, host_reads_allowed, in_backward, input_error, sync_batch_norm
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -82,6 +82,8 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = comm.resolve_group(process_group)  # a DeviceMesh (dimension) -> its group
         # Whether the one-time num_features check across ranks has run (see comm.verify_num_features).
         self._num_features_verified = False
+        # Recent synced forwards, for activation checkpointing's recompute to reuse (not state: not saved).
+        self._forward_records = ForwardRecords()
 
     def _check_input_dim(self, input: Tensor) -> None:
         problem = input_error(input, self.num_features)
@@ -92,10 +94,14 @@ class SyncBatchNorm(_BatchNorm):
         # Only training syncs; eval with batch statistics (track_running_stats=False) stays local,
         # as in torch.nn.SyncBatchNorm.
         synced = self.training and comm.world_size(self.process_group) > 1
+        # A synced forward that runs inside a backward pass is an activation checkpoint's recompute:
+        # it reuses what the original forward computed (functional.ForwardRecords), so the step is
+        # counted once.
+        recomputing = synced and not is_compiling() and in_backward()
         # Momentum bookkeeping as in BatchNorm: num_batches_tracked counts training steps, and with
         # momentum=None the running averages are cumulative (factor 1 / steps).
         average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None and not recomputing:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 if synced and not host_reads_allowed(input):
@@ -114,7 +120,7 @@ class SyncBatchNorm(_BatchNorm):
                 input, running_mean, running_var, self.weight, self.bias,
                 use_batch_stats, average_factor, self.eps,
             )
-        if not (self._num_features_verified or is_compiling()):
+        if not (self._num_features_verified or is_compiling() or recomputing):
             # Eager only: the check reads the gathered counts on the host, which a compiled graph
             # cannot do, and flipping the flag inside a graph would compile the model a second time.
             comm.verify_num_features(self.num_features, input.device, self.process_group)
@@ -122,7 +128,15 @@ class SyncBatchNorm(_BatchNorm):
         return sync_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, True, average_factor,
             self.eps, self.process_group, num_features=self.num_features,
+            records=self._records(),
         )
+
+    def _records(self) -> Optional[ForwardRecords]:
+        # Layers unpickled or built by copying __dict__ from an older object may lack the attribute.
+        records = self.__dict__.get("_forward_records")
+        if records is None:
+            records = self.__dict__["_forward_records"] = ForwardRecords()
+        return records
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: comm.ProcessGroup = None) -> nn.Module:

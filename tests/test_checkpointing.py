@@ -1,0 +1,297 @@
+"""Synced layers inside real training loops: activation checkpointing and gradient accumulation.
+
+Checkpointing: a forward that ``torch.utils.checkpoint`` recomputes in backward (reentrant and
+non-reentrant) reuses what the original forward of that layer computed, so a checkpointed model gives
+the same bits as the same model without checkpointing (outputs, every gradient, running statistics,
+``num_batches_tracked``) and sends the same collectives, and both equal BatchNorm in one process on
+the concatenated batch. Gradient accumulation: with DDP's ``no_sync()`` each micro-batch is normalized
+over all ranks' micro-batches and the running statistics move once per micro-batch, as one process
+running BatchNorm on each micro-step's concatenated micro-batches with gradients accumulated.
+"""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import syncnorm
+from syncnorm import comm
+from syncnorm.testing import run_ranks
+
+TIMEOUT = 240.0
+SIZES = [[3, 5], [4, 0], [2, 6]]  # per step, each rank's batch (rank 1 empty in the second step)
+MODES = {"plain": None, "reentrant": True, "non-reentrant": False}
+
+
+class Blocks(nn.Module):
+    """A stem and two checkpointable segments; ``shared`` is called once in the first segment and twice
+    in the second, so a layer's recomputes must find their own forward among several per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.block1 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.3))
+        self.shared = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+        self.use_reentrant = None  # None: no checkpointing
+
+    def segment1(self, x):
+        return self.shared(self.block1(x))
+
+    def segment2(self, x):
+        return self.shared(F.relu(self.shared(self.block2(x))))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for segment in (self.segment1, self.segment2):
+            if self.use_reentrant is None:
+                x = segment(x)
+            else:
+                x = checkpoint(segment, x, use_reentrant=self.use_reentrant)
+        return self.head(x.mean((2, 3)))
+
+
+def _batch(step, sizes):
+    """The global batch of ``step`` (every rank builds it and takes its slice)."""
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(sum(sizes), 2, 5, 5, generator=generator, dtype=torch.float64) * 2 + 0.5
+
+
+class CollectiveCounter:
+    """Counts the synced layers' collectives (statistics gathers, backward sums) on this rank."""
+
+    def __init__(self) -> None:
+        self.counts = {"gather": 0, "sum": 0}
+        self._originals = (comm.all_gather, comm.start_sum_across_ranks)
+
+        def gather(*args, **kwargs):
+            self.counts["gather"] += 1
+            return self._originals[0](*args, **kwargs)
+
+        def start_sum(*args, **kwargs):
+            self.counts["sum"] += 1
+            return self._originals[1](*args, **kwargs)
+
+        comm.all_gather, comm.start_sum_across_ranks = gather, start_sum
+
+    def take(self):
+        counts, self.counts = dict(self.counts), {"gather": 0, "sum": 0}
+        return counts
+
+    def close(self):
+        comm.all_gather, comm.start_sum_across_ranks = self._originals
+
+
+def _train(model, rank, steps_sizes, counter):
+    """SGD steps of ``model`` on this rank's slices; parameter gradients summed over ranks as DDP would
+    (up to its 1/world_size). Returns per step: output, input grad, parameter grads, backward collectives."""
+    import torch.distributed as dist
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    record = []
+    for step, sizes in enumerate(steps_sizes):
+        x = _batch(step, sizes)
+        start = sum(sizes[:rank])
+        local_x = x[start : start + sizes[rank]].clone().requires_grad_()
+        optimizer.zero_grad()
+        torch.manual_seed(step)  # the same dropout masks in every mode
+        y = model(local_x)
+        upstream = torch.linspace(-1, 1, 3 * sum(sizes), dtype=y.dtype).view(-1, 3)[start : start + sizes[rank]]
+        counter.take()
+        (y * upstream).sum().backward()
+        backward_collectives = counter.take()
+        for param in model.parameters():
+            dist.all_reduce(param.grad)
+        record.append({
+            "output": y.detach(), "input grad": local_x.grad,
+            "grads": [param.grad.clone() for param in model.parameters()],
+            "backward collectives": backward_collectives,
+        })
+        optimizer.step()
+    return record
+
+
+def _state(model):
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def _checkpointing_case(rank, world_size):
+    """Per dropout probability and mode: each step's record, the final state, one more step's collectives;
+    and BatchNorm in one process (no dropout) on the concatenated batch."""
+    torch.manual_seed(0)
+    plain_bn = Blocks().double()
+    synced = syncnorm.convert_sync_batchnorm(copy.deepcopy(plain_bn))
+    counter = CollectiveCounter()
+    results = {}
+    try:
+        for dropout in (0.3, 0.0):
+            for name, use_reentrant in MODES.items():
+                model = copy.deepcopy(synced)
+                model.block2[2].p = dropout
+                model.use_reentrant = use_reentrant
+                steps = _train(model, rank, SIZES, counter)
+                state = _state(model)
+                # The collectives of one more whole step (the first step's forward also checks
+                # num_features once per layer).
+                x = _batch(99, [3, 5])[[0, 3][rank] : [3, 8][rank]].clone().requires_grad_()
+                counter.take()
+                model(x).sum().backward()
+                results[dropout, name] = {"steps": steps, "state": state, "step collectives": counter.take()}
+    finally:
+        counter.close()
+    reference = copy.deepcopy(plain_bn)
+    reference.block2[2].p = 0.0
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    ref_steps = []
+    for step, sizes in enumerate(SIZES):
+        x = _batch(step, sizes).requires_grad_()
+        optimizer.zero_grad()
+        y = reference(x)
+        upstream = torch.linspace(-1, 1, 3 * sum(sizes), dtype=y.dtype).view(-1, 3)
+        (y * upstream).sum().backward()
+        start = sum(sizes[:rank])
+        ref_steps.append({"output": y.detach()[start : start + sizes[rank]],
+                          "input grad": x.grad[start : start + sizes[rank]],
+                          "grads": [param.grad.clone() for param in reference.parameters()]})
+        optimizer.step()
+    results["reference"] = {"steps": ref_steps, "state": _state(reference)}
+    return results
+
+
+def _same_bits(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _close(actual, expected, rel=1e-10):
+    actual, expected = actual.double(), expected.double()
+    if actual.shape != expected.shape:
+        return False
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    return actual.numel() == 0 or (actual - expected).abs().max().item() <= rel * scale
+
+
+def test_checkpointed_model_equals_the_plain_model_bitwise_and_batchnorm_on_the_global_batch():
+    per_rank = run_ranks(_checkpointing_case, 2, timeout=TIMEOUT, pg_timeout=60.0)
+    for rank, results in enumerate(per_rank):
+        for dropout in (0.3, 0.0):
+            plain = results[dropout, "plain"]
+            for name in ("reentrant", "non-reentrant"):
+                run, what = results[dropout, name], f"rank {rank}, {name}, dropout {dropout}"
+                for step, (got, want) in enumerate(zip(run["steps"], plain["steps"])):
+                    for key in ("output", "input grad"):
+                        assert _same_bits(got[key], want[key]), f"{what}, step {step}: {key} differs"
+                    assert all(map(_same_bits, got["grads"], want["grads"])), f"{what}, step {step}: grads"
+                    # No second backward sum: the recomputed forward's layers send nothing.
+                    assert got["backward collectives"] == want["backward collectives"], (what, step)
+                for key, value in plain["state"].items():
+                    assert _same_bits(run["state"][key], value), f"{what}: {key} differs"
+                # One more step, forward and backward: one gather and one sum per synced layer call
+                # (5 calls: block1, block2, shared three times), exactly as without checkpointing.
+                assert run["step collectives"] == plain["step collectives"] == {"gather": 5, "sum": 5}, what
+            assert plain["state"]["shared.num_batches_tracked"].item() == 3 * len(SIZES)
+        # Against BatchNorm on the concatenated batch (no dropout), every mode.
+        reference = results["reference"]
+        for name in MODES:
+            run, what = results[0.0, name], f"rank {rank}, {name} vs BatchNorm"
+            for step, (got, want) in enumerate(zip(run["steps"], reference["steps"])):
+                for key in ("output", "input grad"):
+                    assert _close(got[key], want[key]), f"{what}, step {step}: {key}"
+                assert all(map(_close, got["grads"], want["grads"])), f"{what}, step {step}: grads"
+            for key, value in reference["state"].items():
+                assert _close(run["state"][key], value), f"{what}: {key}"
+
+
+def test_torch_batchnorm_updates_twice_under_checkpointing():
+    # What the docs say torch's own layer does (pytorch issue 96136): the recompute is a second
+    # training forward. If torch changes this, docs/training_loops.md must change with it.
+    layer = nn.BatchNorm1d(3)
+    x = torch.randn(6, 3, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert layer.num_batches_tracked.item() == 2
+
+
+def _recompute_sees_other_input(rank, world_size, use_reentrant):
+    layer = syncnorm.SyncBatchNorm(3).double()
+    noisy = lambda x: layer(F.dropout(x, 0.5))  # noqa: E731
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    # Without the saved random state the recompute draws another dropout mask: another input.
+    y = checkpoint(noisy, x, use_reentrant=use_reentrant, preserve_rng_state=False)
+    try:
+        y.sum().backward()
+    except Exception as error:  # reentrant: raised as is; non-reentrant: from inside the unpack
+        return f"{type(error).__name__}: {error}", layer.num_batches_tracked.item()
+    return "no error", layer.num_batches_tracked.item()
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_a_recompute_that_sees_another_input_raises_instead_of_using_stale_statistics(use_reentrant):
+    for rank, (message, steps) in enumerate(
+        run_ranks(_recompute_sees_other_input, 2, use_reentrant, timeout=TIMEOUT, pg_timeout=30.0)
+    ):
+        assert "ValueError: SyncBatchNorm expected a recomputed forward" in message, (rank, message)
+        assert steps == 1, (rank, steps)
+
+
+# Gradient accumulation: per optimizer step, micro-batches of these per-rank sizes.
+MICRO_SIZES = [[[3, 2], [2, 4]], [[4, 1], [3, 3]]]
+
+
+def _small_model():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3),
+        nn.BatchNorm1d(3),
+    ).double()
+
+
+def _accumulation_case(rank, world_size):
+    """DDP with no_sync() for all but the last micro-batch of each step: each micro-step's outputs and
+    the final state, next to one process running BatchNorm on each micro-step's concatenated batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    reference = _small_model()
+    ddp = DDP(syncnorm.convert_sync_batchnorm(copy.deepcopy(reference)))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference, ddp)]
+    errors = {}
+
+    def note(key, actual, expected):
+        scale = max(1.0, expected.abs().max().item())
+        errors[key] = max(errors.get(key, 0.0), (actual - expected).abs().max().item() / scale)
+
+    for step, micro_sizes in enumerate(MICRO_SIZES):
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        for micro, sizes in enumerate(micro_sizes):
+            x = _batch(10 * step + micro, sizes)
+            upstream = torch.linspace(-1, 1, 3 * sum(sizes), dtype=x.dtype).view(-1, 3)
+            start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+            # DDP averages gradients over ranks: the reference's loss is the global sum / world_size.
+            y_ref = reference(x)
+            ((y_ref * upstream).sum() / world_size).backward()
+            last = micro == len(micro_sizes) - 1
+            with contextlib.nullcontext() if last else ddp.no_sync():
+                y = ddp(x[start:stop])
+                (y * upstream[start:stop]).sum().backward()
+            note("output", y.detach(), y_ref.detach()[start:stop])
+        for param, param_ref in zip(ddp.parameters(), reference.parameters()):
+            note("accumulated grad", param.grad, param_ref.grad)
+        for optimizer in optimizers:
+            optimizer.step()
+    state, state_ref = ddp.module.state_dict(), reference.state_dict()
+    for key in state_ref:
+        note(key, state[key].double(), state_ref[key].double())
+    return errors, ddp.module[1].num_batches_tracked.item()
+
+
+def test_gradient_accumulation_with_no_sync_equals_batchnorm_on_each_micro_steps_global_batch():
+    for rank, (errors, steps) in enumerate(run_ranks(_accumulation_case, 2, timeout=TIMEOUT, pg_timeout=60.0)):
+        bad = {key: error for key, error in errors.items() if not error <= 1e-10}
+        assert not bad, f"rank {rank}: differs from BatchNorm on the concatenated micro-batches: {bad}"
+        assert "1.running_mean" in errors and "accumulated grad" in errors, errors
+        # The running statistics moved once per micro-batch: 2 steps x 2 micro-batches.
+        assert steps == 4, (rank, steps)
