@@ -187,7 +187,10 @@ def normalize(
     """``(input - mean) / sqrt(var + eps) * weight + bias`` with the given statistics, in one native pass
     (the kernel batch norm uses in eval mode), keeping the input's dtype and memory format."""
     if input.numel() == 0:
-        return torch.empty_like(input)  # keeps the memory format, which the kernel does not when empty
+        # Computed from the input (keeping its memory format, which the kernel does not when empty)
+        # rather than allocated: under torch.compile an allocation becomes a plain `empty` with no
+        # tie to the input, and so would every synced collective downstream of it (see local_stats).
+        return input.mul(0)
     # The op F.batch_norm ends in, called directly: its Python wrapper and two dispatch layers cost
     # more than the kernel on small inputs.
     return torch.native_batch_norm(
@@ -249,11 +252,11 @@ def input_grad_from_sums(
     ``dx = weight * invstd * (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu)`` with the global means.
     """
     if input.numel() == 0:
-        # Made from grad_output (same shape, and the memory format the output had), not from input:
-        # under torch.compile a gradient that does not depend on the incoming gradient is computed in
-        # the forward graph, and with it every backward sum of the layers before this one (see
-        # local_stats), which then leave the backward graph and pair with the wrong collectives.
-        return torch.empty_like(grad_output)
+        # Computed from grad_output (same shape, and the memory format the output had), not allocated
+        # or made from input: under torch.compile a gradient that does not depend on the incoming
+        # gradient is computed in the forward graph, and with it the backward sums of the layers
+        # before this one (see local_stats), which then pair with the wrong collectives.
+        return grad_output.mul(0)
     scale, scale_over_count = scales
     # Both coefficients in one op: row 0 is the offset -scale * mean_dy, row 1 the slope
     # -scale * invstd * mean_dy_xmu (the kernel multiplies by the other invstd).

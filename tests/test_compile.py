@@ -271,14 +271,21 @@ def _small_convnet():
     )
 
 
-def _empty_rank_models():
+def _small_mlp():
+    return nn.Sequential(nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5), nn.BatchNorm1d(5))
+
+
+def _empty_rank_models(backend):
     """(name, plain BatchNorm model, its input shape) for the layer and the converted model."""
     torch.manual_seed(0)
     layer = nn.BatchNorm1d(4)
     with torch.no_grad():
         layer.weight.copy_(torch.linspace(0.5, 1.5, 4))
         layer.bias.copy_(torch.linspace(-0.3, 0.3, 4))
-    return [("layer", layer.double(), (4, 6)), ("model", _small_convnet().double(), (2, 6, 6))]
+    # Inductor on CPU (torch 2.14.1) fails the backward of a bare nn.Conv2d on an empty batch (a
+    # stride assert in convolution_backward, no syncnorm involved): its model has no convolution.
+    model = (_small_mlp(), (12,)) if backend == "inductor" else (_small_convnet(), (2, 6, 6))
+    return [("layer", layer.double(), (4, 6)), ("model", model[0].double(), model[1])]
 
 
 def _compiled_with_empty_ranks(rank, world_size, backend):
@@ -288,7 +295,7 @@ def _compiled_with_empty_ranks(rank, world_size, backend):
 
     sizes_when_full, masks = EMPTY_SIZES[world_size], EMPTY_MASKS[world_size]
     worst = {}
-    for name, reference, shape in _empty_rank_models():
+    for name, reference, shape in _empty_rank_models(backend):
         _fresh_compile_state()
         synced = syncnorm.convert_sync_batchnorm(copy.deepcopy(reference))
         compiled = torch.compile(synced, fullgraph=True, backend=backend)
