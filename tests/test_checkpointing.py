@@ -327,3 +327,45 @@ def test_compiled_checkpointed_model_equals_the_eager_plain_model(use_reentrant)
         pytest.skip("torch.compile of syncnorm needs a newer torch")
     for rank, errors in enumerate(run_ranks(_compiled_checkpointing_case, 2, use_reentrant, timeout=TIMEOUT)):
         assert max(errors) <= 1e-12, (rank, errors)
+
+
+# --------------------------------------------------------------------------- the launcher's option
+
+
+def _launcher_case(rank, world_size, out, name):
+    from syncnorm.train.config import from_dict
+    from syncnorm.train.loop import train
+    from syncnorm.train.ui import Reporter
+
+    results = []
+    for checkpointed in (False, True):
+        cfg = from_dict({
+            "model": {"name": name, "norm": "syncbn", "checkpoint_activations": checkpointed},
+            "data": {"name": "synthetic", "synthetic_samples": 96, "synthetic_shape": [3, 16, 16]}
+            if name == "resnet18" else {"name": "mnist5k"},
+            "train": {"epochs": 1, "batch_size": 8, "max_steps": 3, "dtype": "float64", "seed": 3},
+            "output_dir": f"{out}/{name}-{checkpointed}",
+        })
+        result = train(cfg, reporter=Reporter(enabled=False))
+        # Forwards that kept a record for a recompute: only checkpointed blocks' synced layers keep one.
+        recorded = sum(layer._forward_records._added for layer in result.model.modules()
+                       if isinstance(layer, syncnorm.SyncBatchNorm))
+        results.append((_state(result.model), result.metrics, recorded))
+    return results
+
+
+@pytest.mark.parametrize("name", ["lenet", pytest.param("resnet18", marks=pytest.mark.slow)])
+def test_launcher_checkpoint_activations_trains_exactly_like_the_plain_run(tmp_path, name):
+    deterministic = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "samples")
+    for rank, (plain, checkpointed) in enumerate(
+        run_ranks(_launcher_case, 2, str(tmp_path), name, timeout=TIMEOUT, pg_timeout=60.0)
+    ):
+        state, metrics, recorded = plain
+        state_ck, metrics_ck, recorded_ck = checkpointed
+        assert recorded == 0 and recorded_ck > 0, (rank, recorded, recorded_ck)
+        assert state.keys() == state_ck.keys()
+        for key in state:
+            assert _same_bits(state_ck[key], state[key]), f"rank {rank}: {key} differs"
+        for row, row_ck in zip(metrics, metrics_ck):
+            assert {k: row[k] for k in deterministic} == {k: row_ck[k] for k in deterministic}, rank
+        assert state_ck["1.num_batches_tracked" if name == "lenet" else "bn1.num_batches_tracked"].item() == 3

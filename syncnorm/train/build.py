@@ -43,7 +43,8 @@ def load_data(cfg: Config, info: DistInfo) -> Datasets:
 def make_model(cfg: Config, data: Datasets, info: DistInfo) -> nn.Module:
     """The configured network for ``data``, on this rank's device in ``train.dtype`` (not DDP-wrapped)."""
     model = build_model(cfg.model.name, norm=cfg.model.norm, init=cfg.model.init, act=cfg.model.act,
-                        in_shape=data.shape, num_classes=data.num_classes)
+                        in_shape=data.shape, num_classes=data.num_classes,
+                        checkpoint_activations=cfg.model.checkpoint_activations)
     return model.to(device=info.device, dtype=DTYPES[cfg.train.dtype])
 
 

@@ -46,6 +46,9 @@ class ModelConfig:
     norm: str = _opt("syncbn", choices=NORM_NAMES, doc="normalization layer (syncbn: synced over ranks)")
     init: str = _opt("default", choices=INIT_NAMES, doc="weight init of conv/linear layers; biases zero")
     act: str = _opt("relu", choices=ACTIVATION_NAMES, doc="activation (d2l's LeNet uses sigmoid)")
+    checkpoint_activations: bool = _opt(False, doc="recompute each block's activations in backward instead of "
+                                                   "keeping them (torch.utils.checkpoint, non-reentrant); the "
+                                                   "same results, less memory, more compute")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ Both are built with the registry's layers (plain ``nn.BatchNorm*`` for ``bn`` an
 from functools import partial
 from typing import Sequence
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import syncnorm
 from syncnorm.train.inits import init_weights
@@ -45,6 +47,48 @@ class LeNet(nn.Sequential):
             nn.Linear(84, num_classes),
         )
 
+    # model.checkpoint_activations: the stages recomputed in backward (conv-norm-act-pool twice,
+    # flatten-fc-norm-act, fc-norm-act), as index ranges into the layers; the last fc runs as usual.
+    STAGES = ((0, 4), (4, 8), (8, 12), (12, 15))
+    checkpoint_activations = False
+
+    def forward(self, input):
+        if not (self.checkpoint_activations and torch.is_grad_enabled()):
+            return super().forward(input)
+        layers = list(self)
+        for start, stop in self.STAGES:
+            input = checkpoint(_run_layers, layers[start:stop], input, use_reentrant=False)
+        return _run_layers(layers[self.STAGES[-1][1]:], input)
+
+
+def _run_layers(layers, input):
+    for layer in layers:
+        input = layer(input)
+    return input
+
+
+class CheckpointedSequential(nn.Sequential):
+    """``nn.Sequential`` whose children's activations are recomputed in backward (non-reentrant
+    ``torch.utils.checkpoint``, one child at a time) while gradients are on; the same children and
+    ``state_dict`` keys as the ``nn.Sequential`` it replaces."""
+
+    def forward(self, input):
+        for block in self:
+            input = checkpoint(block, input, use_reentrant=False) if torch.is_grad_enabled() else block(input)
+        return input
+
+
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
+    """``model.checkpoint_activations``: recompute the activations of ``model``'s blocks (LeNet's stages,
+    ResNet's residual blocks) in backward instead of keeping them. Parameters, buffers and ``state_dict``
+    keys stay as they are; synced layers count each step once (docs/training_loops.md)."""
+    if isinstance(model, LeNet):
+        model.checkpoint_activations = True
+        return model
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        setattr(model, name, CheckpointedSequential(*getattr(model, name)))
+    return model
+
 
 def resnet18_cifar(norm: str = "bn", in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10) -> nn.Module:
     """torchvision's resnet18 with the usual small-image stem: 3x3 stride-1 conv1 and no max-pool."""
@@ -57,7 +101,8 @@ def resnet18_cifar(norm: str = "bn", in_shape: Sequence[int] = (3, 32, 32), num_
 
 
 def build_model(name: str, *, norm: str = "syncbn", init: str = "default", act: str = "relu",
-                in_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+                in_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10,
+                checkpoint_activations: bool = False) -> nn.Module:
     """Build model ``name``, initialize it with scheme ``init``, and for ``norm='syncbn'`` convert every
     BatchNorm into :class:`syncnorm.SyncBatchNorm` (one walker call). Seed torch first."""
     if norm not in NORMS:
@@ -71,6 +116,8 @@ def build_model(name: str, *, norm: str = "syncbn", init: str = "default", act: 
     init_weights(model, init)
     if NORMS[norm].convert:
         model = syncnorm.convert_sync_batchnorm(model)
+    if checkpoint_activations:
+        model = checkpoint_blocks(model)
     return model
 
 
@@ -87,5 +134,5 @@ def to_plain(model: nn.Module) -> nn.Module:
     return syncnorm.revert_sync_batchnorm(model)
 
 
-__all__ = ["ACTIVATION_NAMES", "LeNet", "MODEL_NAMES", "build_model", "count_parameters", "has_sync_batchnorm",
-           "resnet18_cifar", "to_plain"]
+__all__ = ["ACTIVATION_NAMES", "CheckpointedSequential", "LeNet", "MODEL_NAMES", "build_model", "checkpoint_blocks",
+           "count_parameters", "has_sync_batchnorm", "resnet18_cifar", "to_plain"]
