@@ -369,3 +369,55 @@ def test_launcher_checkpoint_activations_trains_exactly_like_the_plain_run(tmp_p
         for row, row_ck in zip(metrics, metrics_ck):
             assert {k: row[k] for k in deterministic} == {k: row_ck[k] for k in deterministic}, rank
         assert state_ck["1.num_batches_tracked" if name == "lenet" else "bn1.num_batches_tracked"].item() == 3
+
+
+# --------------------------------------------------------------------------- with syncnorm.join
+
+
+class _CheckpointedMiddle(nn.Module):
+    """A synced layer on the input, then Linear-BN-ReLU checkpointed in the given mode, then a Linear."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.middle = syncnorm.SyncBatchNorm(3), nn.Sequential(
+            nn.Linear(3, 4), syncnorm.SyncBatchNorm(4), nn.ReLU())
+        self.last = nn.Linear(4, 2)
+        self.use_reentrant = use_reentrant
+        self.double()
+
+    def forward(self, x):
+        x = self.first(x)
+        if self.use_reentrant is not None:
+            return self.last(checkpoint(self.middle, x, use_reentrant=self.use_reentrant))
+        return self.last(self.middle(x))
+
+
+def _join_case(rank, world_size, use_reentrant):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(_CheckpointedMiddle(use_reentrant))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    outputs = []
+    with syncnorm.join(model):
+        for step in range([3, 2][rank]):  # rank 1 runs out one step early
+            x = torch.randn(4 + rank, 3, generator=torch.Generator().manual_seed(10 * step + rank),
+                            dtype=torch.float64)
+            out = model(x)
+            (out ** 2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            outputs.append(out.detach())
+    return outputs, _state(model.module)
+
+
+def test_checkpointing_inside_syncnorm_join_equals_join_without_it():
+    # join's stand-in repeats the synced collectives it saw in an iteration: a recompute sends none.
+    plain = run_ranks(_join_case, 2, None, timeout=TIMEOUT, pg_timeout=60.0)
+    for use_reentrant in (True, False):
+        for rank, (outputs, state) in enumerate(run_ranks(_join_case, 2, use_reentrant, timeout=TIMEOUT,
+                                                          pg_timeout=60.0)):
+            assert all(map(_same_bits, outputs, plain[rank][0])), (use_reentrant, rank)
+            for key, value in plain[rank][1].items():
+                assert _same_bits(state[key], value), (use_reentrant, rank, key)
+            assert state["middle.1.num_batches_tracked"].item() == 3, (use_reentrant, rank)
