@@ -31,6 +31,11 @@ class SyncBatchNorm(_BatchNorm):
     process group with more than one rank exists; otherwise it computes exactly what ``BatchNorm``
     computes locally. Every rank of the group must run every synced forward and backward.
 
+    Under activation checkpointing (``torch.utils.checkpoint``, reentrant or not) the forward that is
+    recomputed in backward reuses what the original forward computed: the same output bits, no
+    collective, no second running-statistics update or ``num_batches_tracked`` increment. A recompute
+    whose input differs from the original's raises ``ValueError`` (docs/training_loops.md).
+
     The running mean is updated with the global mean and the running variance with the *unbiased*
     global variance: ``running = (1 - momentum) * running + momentum * observed``. With
     ``momentum=None`` it is a cumulative moving average, as in BatchNorm.
