@@ -360,7 +360,7 @@ def sync_batch_norm(
     if not synced:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     # A record can live on the autograd node only when the call makes one.
-    keep_on_node = torch.is_grad_enabled() and any(
+    keep_on_node = records is not None and torch.is_grad_enabled() and any(
         tensor is not None and tensor.requires_grad for tensor in (input, weight, bias)
     )
     return SyncBatchNormFunction.apply(
