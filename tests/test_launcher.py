@@ -217,6 +217,25 @@ def _sigint_default():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _interrupt_after_first_epoch(command, cwd, out, **popen):
+    """Start ``command``, send it SIGINT once epoch 1's checkpoint exists; return (process, stdout, stderr).
+
+    With ``start_new_session=True`` in ``popen`` a leftover process group is killed whole."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(cwd), **popen)
+    try:
+        _wait_for(out / "ckpt_epoch1.pt", proc)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            if popen.get("start_new_session"):
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            proc.wait(timeout=10)
+    return proc, stdout, stderr
+
+
 @pytest.fixture
 def python_sigint_handler():
     """This process's SIGINT handler as Python sets it up when SIGINT is not ignored; restored after."""
@@ -229,14 +248,7 @@ def test_ctrl_c_in_one_process_is_one_line_and_exit_130(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, LAUNCHER, "--config", LENET, *TINY, "--set", "train.epochs=100000",
                "--set", f"output_dir={out}"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
-                            preexec_fn=_sigint_default)
-    try:
-        _wait_for(out / "ckpt_epoch1.pt", proc)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    proc, stdout, stderr = _interrupt_after_first_epoch(command, tmp_path, out, preexec_fn=_sigint_default)
     assert proc.returncode == 130, stderr
     line = _one_error_line(stderr)
     last = max(ckpt.list_checkpoints(str(out)))[1]
@@ -253,16 +265,7 @@ def test_ctrl_c_under_torchrun_is_one_line_from_rank_0_and_every_rank_logs_it(tm
     command = [torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", LAUNCHER, "--config", LENET, *TINY,
                "--set", "train.epochs=100000", "--set", f"output_dir={out}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
-                            env=env, start_new_session=True)
-    try:
-        _wait_for(out / "ckpt_epoch1.pt", proc)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    proc, stdout, stderr = _interrupt_after_first_epoch(command, tmp_path, out, env=env, start_new_session=True)
     lines = [line for line in (stdout + stderr).splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and lines[0].startswith("error: interrupted at epoch "), stdout + stderr
     assert "; continue with --resume auto" in lines[0] and "collective failed" not in stdout + stderr
@@ -567,17 +570,10 @@ def test_ctrl_c_under_launch_run_is_rank_0s_line_and_exit_130(tmp_path):
     command = [sys.executable, os.path.join(ROOT, "launch", "run.py"), "--nproc_per_node=2",
                f"--master_port={free_port()}", LAUNCHER, "--config", LENET, *TINY, "--set", "train.epochs=100000",
                "--set", f"output_dir={out}"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
-                            preexec_fn=_sigint_default)
-    try:
-        _wait_for(out / "ckpt_epoch1.pt", proc)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    proc, stdout, stderr = _interrupt_after_first_epoch(
+        command, tmp_path, out, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+        preexec_fn=_sigint_default,
+    )
     assert proc.returncode == 130, stdout + stderr
     lines = [line for line in (stdout + stderr).splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and lines[0].startswith("error: interrupted at epoch "), stdout + stderr
