@@ -5,7 +5,8 @@ What runs where:
 * **one CUDA device** (the GPU check, ``bash benchmarks/gpu_check.sh``):
   (a) 2 gloo ranks sharing ``cuda:0`` (gloo copies CUDA tensors through host memory, so this proves the
   CUDA kernels exact, not sync-free): BatchNorm on the concatenated batch is the reference, with uneven
-  and empty ranks, float64/float32/float16/bfloat16, NCHW and channels_last, eager and compiled;
+  and empty ranks, float64/float32/float16/bfloat16, NCHW and channels_last, eager and compiled; and
+  ``syncnorm.join`` with uneven numbers of batches against one process (tests/test_join.py's case);
   (b) a 1-rank NCCL group with the synced step forced (``SyncBatchNorm`` takes the local path in a group
   of one, so the layers call ``syncnorm.SyncBatchNormFunction`` directly, and
   ``comm._COLLECTIVES_AT_ONE_RANK`` makes it send its collectives anyway: real NCCL calls): a converted
@@ -170,6 +171,24 @@ def test_two_ranks_on_one_device_match_batchnorm_on_the_global_batch(two_ranks_o
 def test_two_ranks_on_one_device_compiled_match_batchnorm_on_the_global_batch(two_ranks_one_device):
     _compare_layer_cases(True, [ranks["compiled"] for ranks in two_ranks_one_device])
     assert all(ranks["graphs"] >= len(_layer_cases(True)) for ranks in two_ranks_one_device)
+
+
+# --- syncnorm.join on CUDA tensors: 2 gloo ranks on one device -------------------------------------
+
+
+def _join_on_one_device(rank, world_size, device):
+    from test_join import TWO_RANKS, _train_rank  # the CPU test's model, batches and loop
+
+    return _train_rank(rank, world_size, TWO_RANKS, device=_prepare(rank, device, "gloo"))
+
+
+@needs_device
+def test_join_on_one_device_matches_one_process():
+    """Uneven numbers of batches under syncnorm.join with CUDA tensors (the stand-in's empty batches on
+    the on-device path): equal to one process on the CPU, as tests/test_join.py checks on the CPU."""
+    from test_join import TWO_RANKS, _check, _reference
+
+    _check(run_ranks(_join_on_one_device, 2, DEVICE, timeout=TIMEOUT), _reference(TWO_RANKS, 2))
 
 
 # --- (b) the synced training step: 1 NCCL rank (forced to sync), or 2 GPUs -------------------------

@@ -77,8 +77,10 @@ def _reference(epochs, world, divide_by_initial=True, grad=True, owners=None):
     return outputs, _state(net)
 
 
-def _train_rank(rank, world, epochs, zero=False, join_kwargs=None):
-    net = _net(syncnorm.SyncBatchNorm)
+def _train_rank(rank, world, epochs, zero=False, join_kwargs=None, device="cpu"):
+    """This rank's outputs and final state (on the CPU); ``device``: where it trains (tests/test_gpu.py
+    runs this on ``cuda:0``)."""
+    net = _net(syncnorm.SyncBatchNorm).to(device)
     model = DistributedDataParallel(net, **_NO_BUFFER_SYNC)
     if zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -91,15 +93,16 @@ def _train_rank(rank, world, epochs, zero=False, join_kwargs=None):
         joinables = [optimizer] if zero else []
         with syncnorm.join(model, *joinables, **(join_kwargs or {})):
             for step, size in enumerate(sizes[rank]):
-                out = model(_batch(rank, epoch, step, size))
+                out = model(_batch(rank, epoch, step, size).to(device))
                 _loss(out).backward()
                 optimizer.step()
                 optimizer.zero_grad()
-                outputs.append(out.detach())
+                outputs.append(out.detach().cpu())
+    state = _state(net.cpu())
     if zero:
         mine = [q for group in optimizer.optim.param_groups for q in group["params"]]
-        return outputs, _state(net), [i for i, p in enumerate(net.parameters()) if any(p is q for q in mine)]
-    return outputs, _state(net)
+        return outputs, state, [i for i, p in enumerate(net.parameters()) if any(p is q for q in mine)]
+    return outputs, state
 
 
 def _owners(results):
