@@ -298,6 +298,8 @@ class _StandInJoinable(Joinable):
 
 
 def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's first parameter or buffer lives (the CPU for a model without any); also the
+    device update_bn_stats exchanges its packets on."""
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")

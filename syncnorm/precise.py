@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncnorm import comm, stats
+from syncnorm.join import _model_device
 from syncnorm.module import SyncBatchNorm
 
 __all__ = ["update_bn_stats"]
@@ -114,12 +115,6 @@ def _stand_in_input(gathered: Tensor, device: torch.device) -> Tensor:
     ndim = int(row[2])
     shape = [0] + [int(size) for size in row[4 : 3 + ndim]]
     return torch.empty(shape, dtype=_DTYPES[int(row[1])], device=device)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _expected_batches(batches: Iterable, num_batches: Optional[int]) -> Optional[int]:
@@ -267,9 +262,9 @@ def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], dev
                 # that cannot take one then fails on every rank at the same op, instead of on the
                 # stand-in rank alone while the others wait in a collective.
                 probed = True
-                _probe_empty_batch(net, _stand_in_input(gathered, comm_device if device is None else torch.device(device)))
+                _probe_empty_batch(net, _stand_in_input(gathered, comm_device))
             if input is None:
-                net(_stand_in_input(gathered, comm_device if device is None else torch.device(device)))
+                net(_stand_in_input(gathered, comm_device))
                 continue
         elif input is None:
             return

@@ -36,6 +36,11 @@ def channel_shape(input: Tensor) -> List[int]:
     return [1, input.size(1)] + [1] * (input.dim() - 2)
 
 
+def reduce_dims(input: Tensor) -> List[int]:
+    """The dimensions a per-channel statistic reduces over: the batch and every spatial one."""
+    return [0] + list(range(2, input.dim()))
+
+
 def local_count(input: Tensor) -> int:
     """Number of values each channel has in ``input`` (batch times spatial size)."""
     return input.numel() // input.size(1) if input.size(1) else 0
@@ -52,16 +57,16 @@ def local_stats(input: Tensor) -> Tuple[int, Tensor, Tensor]:
     count = local_count(input)
     channels = input.size(1)
     dtype = stats_dtype(input.dtype)
-    reduce_dims = [0] + list(range(2, input.dim()))
+    dims = reduce_dims(input)
     if count == 0:
         # Zeros computed *from the input*, not made from nothing: under torch.compile the partitioner
         # copies into the backward graph every forward op that does not depend on a forward input,
         # which made an empty rank's statistics all_gather run a second time in its backward, out of
         # step with the other ranks. A sum over an empty tensor is zero and keeps that dependency.
-        zeros = input.sum(dim=reduce_dims, dtype=dtype)
+        zeros = input.sum(dim=dims, dtype=dtype)
         return 0, zeros, zeros.clone()
     if is_compiling():
-        var, mean = torch.var_mean(as_dtype(input, dtype), dim=reduce_dims, correction=0)
+        var, mean = torch.var_mean(as_dtype(input, dtype), dim=dims, correction=0)
         return count, mean, var
     if input.dtype == dtype:
         mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
@@ -211,7 +216,7 @@ def grad_sums_scaled(
     if local_count(input) == 0:
         # Zeros computed from grad_output, for the reason given in local_stats: made from nothing, the
         # backward sum's input would let the compiler run that collective in the forward graph too.
-        zeros = grad_output.sum(dim=[0] + list(range(2, grad_output.dim())), dtype=mean.dtype)
+        zeros = grad_output.sum(dim=reduce_dims(grad_output), dtype=mean.dtype)
         return zeros, zeros.clone()
     _, grad_weight, sum_dy = torch.ops.aten.native_batch_norm_backward(
         grad_output, input, None, mean, var, None, None, False, eps, [False, True, True]

@@ -58,7 +58,7 @@ def nonfinite_ranks(loss: torch.Tensor, info: DistInfo) -> List[int]:
     flags[info.rank] = (~torch.isfinite(loss.detach())).float()
     # Through syncnorm.comm, so that inside syncnorm.join (data.shard=uneven) a rank that ran out stands
     # in for it (with zeros: no bad loss) like for the synced layers' sums.
-    flags = comm.sum_across_ranks(flags) if info.world_size > 1 else flags
+    flags = comm.sum_across_ranks(flags)  # the flags as they are in one process
     return [rank for rank, flag in enumerate(flags.tolist()) if flag]
 
 
@@ -105,8 +105,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     if step_samples is not None:
         batches = _under_join(model, batches)
     for step, (inputs, targets) in enumerate(batches):
-        if max_steps is not None and step >= max_steps:
-            break
         state.step, state.phase = step, "training step"
         inputs = inputs.to(info.device, dtype=dtype, non_blocking=True)
         targets = targets.to(info.device, non_blocking=True)
