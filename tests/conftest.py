@@ -17,6 +17,8 @@ CORE_TEST_FILES = {
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: the library's tests, run on the oldest supported torch too")
     config.addinivalue_line("markers", "slow: variants of a test already run once; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "engines: runs under a real SLURM cluster or Ray Train (installs them where "
+                                       "missing); its own CI step: pytest -m engines")
 
 
 def pytest_collection_modifyitems(config, items):
