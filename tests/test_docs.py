@@ -134,7 +134,7 @@ def _tables(text):
     return tables
 
 
-KEY_COLUMNS = ("shape", "layout", "data", "ranks", "norm", "per-rank batch", "C")
+KEY_COLUMNS = ("shape", "layout", "data", "ranks", "norm", "per-rank batch", "C", "dtype")
 
 
 def _differences(header, rows, result_header, result_rows):
