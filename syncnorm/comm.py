@@ -17,7 +17,10 @@ Every function here that communicates must be called by all ranks of the group, 
 Without an initialized process group they return the one-process answer, so callers never branch.
 """
 
-from typing import Callable, List, Optional
+import contextlib
+import threading
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -92,23 +95,88 @@ def _functional_group(group: ProcessGroup):
     return dist.group.WORLD if group is None else group
 
 
-# Inside ``syncnorm.join`` (join.py) the synced layers' collectives of a group go over a side group with
-# the same ranks: on the group itself a rank that stands in for the others would issue them in another
-# order relative to DDP's gradient all_reduces, and gloo pairs collectives by order. The observer sees
-# each routed collective, so that join.py can replay them. Both are empty outside ``join``.
-_side_groups: dict = {}  # id(process group) -> its side group; the default group's id for None
-_observer: Optional[Callable[[str, Tensor, ProcessGroup], None]] = None
+# Routing, for ``syncnorm.join`` (join.py): inside it the synced collectives of a group go over a *side
+# group* with the same ranks. On the group itself a rank that stands in for the others would issue them in
+# another order relative to DDP's gradient all_reduces, and gloo pairs collectives by order. An observer
+# sees each routed collective, so that join.py can replay them.
+#
+# Thread semantics: a route belongs to the thread that entered ``routed`` (its state is a threading.local),
+# so collectives of other threads (another model, a background evaluation) keep their own groups. Autograd
+# runs the backward of CUDA tensors on its own device threads, which see no route: a caller whose backward
+# communicates passes the route its forward saw (``current_route()`` then) to ``start_sum_across_ranks``,
+# so the backward goes where its forward went. Side groups are kept per default process group: a
+# ``destroy_process_group`` and a new ``init_process_group`` start with none.
 
 
-def _route(kind: str, tensor: Tensor, group: ProcessGroup):
-    """``group``, or its side group inside ``syncnorm.join``; ``kind`` is "gather" or "sum"."""
-    if not _side_groups:
+class Route:
+    """Where one thread's synced collectives go while ``routed`` is entered (see above)."""
+
+    __slots__ = ("side_groups", "observer", "active")
+
+    def __init__(self, side_groups: Dict[int, Any], observer: Optional[Callable[[str, Tensor, Any], None]]) -> None:
+        self.side_groups = side_groups  # id(process group) -> its side group; the default group's id for None
+        self.observer = observer
+        self.active = True  # False once the context is left: a late backward is not routed
+
+
+_ROUTING = threading.local()
+# Side groups by the ranks of the group they stand beside, per default process group (weakly held, so a
+# destroyed default group takes its side groups along).
+_SIDE_GROUPS: "weakref.WeakKeyDictionary[Any, Dict[Tuple[int, ...], Any]]" = weakref.WeakKeyDictionary()
+
+
+def current_route() -> Optional[Route]:
+    """This thread's route, or None outside ``routed``."""
+    return getattr(_ROUTING, "route", None)
+
+
+@contextlib.contextmanager
+def routed(side_groups: Dict[int, Any], observer: Optional[Callable[[str, Tensor, Any], None]] = None
+           ) -> Iterator[Route]:
+    """Send this thread's collectives on the groups in ``side_groups`` over their side groups.
+
+    ``side_groups`` maps ``id(group)`` (the default group's id for None) to the side group, as
+    :func:`side_groups` returns it; ``observer(kind, tensor, group)`` is called before each routed
+    collective, ``kind`` being "gather" or "sum". One route per thread at a time.
+    """
+    if current_route() is not None:
+        raise RuntimeError("expected one comm.routed context per thread (got one inside another, e.g. a "
+                           "syncnorm.join inside another)")
+    route = _ROUTING.route = Route(dict(side_groups), observer)
+    try:
+        yield route
+    finally:
+        route.active = False
+        _ROUTING.route = None
+
+
+def side_groups(groups: Sequence[Any]) -> Dict[int, Any]:
+    """A side group for each of ``groups`` (None: the default group): a new group with the same ranks,
+    created once per default process group and set of ranks. Returns ``id(group) -> side group`` (the
+    default group under its own id). All ranks must call this together (each rank with its own groups:
+    every rank creates every rank's, in the same order, as ``new_group`` requires)."""
+    world = dist.group.WORLD
+    made = _SIDE_GROUPS.setdefault(world, {})
+    mine = sorted({tuple(group_ranks(group)) for group in groups})
+    everyone: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for ranks in sorted({ranks for wanted in everyone for ranks in wanted}):
+        if ranks not in made:
+            made[ranks] = dist.new_group(list(ranks))
+    return {id(world if group is None else group): made[tuple(group_ranks(group))] for group in groups}
+
+
+def _route(kind: str, tensor: Tensor, group: ProcessGroup, route: Optional[Route] = None):
+    """``group``, or its side group under a route (``route``, else this thread's)."""
+    if route is None:
+        route = getattr(_ROUTING, "route", None)
+    if route is None or not route.active:
         return group
-    side = _side_groups.get(id(dist.group.WORLD if group is None else group))
+    side = route.side_groups.get(id(dist.group.WORLD if group is None else group))
     if side is None:
         return group
-    if _observer is not None:
-        _observer(kind, tensor, group)
+    if route.observer is not None:
+        route.observer(kind, tensor, group)
     return side
 
 
@@ -146,16 +214,19 @@ def sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     return start_sum_across_ranks(tensor, group)()
 
 
-def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Callable[[], Tensor]:
+def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None,
+                           route: Optional[Route] = None) -> Callable[[], Tensor]:
     """Start ``sum_across_ranks`` and return a function that waits for it and returns the sum.
 
     The caller can compute while the collective is in flight (gloo runs it on its own threads).
     ``tensor`` must not be modified until then. All ranks must call this; exactly one collective.
+    ``route``: the route of the forward this sum belongs to (``current_route()`` then), for a backward
+    that autograd runs on another thread; None: this thread's.
     """
     size = world_size(group)
     if size == 1 and not _COLLECTIVES_AT_ONE_RANK:
         return lambda: tensor
-    group = _route("sum", tensor, group)
+    group = _route("sum", tensor, group, route)
     if is_compiling():
         from torch.distributed import _functional_collectives as funcol
 

@@ -148,6 +148,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         count, mean, var = stats.local_stats(input)
         local = stats.pack_stats(count, mean, var)
         ctx.process_group = process_group
+        ctx.route = comm.current_route()  # for a backward on autograd's device thread (CUDA): see comm
         ctx.eps = eps
         if records is not None and in_backward():
             # A checkpoint's recompute: the original forward already synced and updated the running
@@ -209,7 +210,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # Every rank knows whether its input needs a gradient (the model is the same on all of
             # them), so the collective is skipped consistently, e.g. for a first layer fed data.
             sums = torch.cat([sum_dy, grad_weight_local])
-            finish_sum = comm.start_sum_across_ranks(sums, ctx.process_group)
+            finish_sum = comm.start_sum_across_ranks(sums, ctx.process_group, ctx.route)
             # Everything that needs no other rank's data runs while the sums are in flight.
             scales = stats.input_grad_scales(input, var, ctx.eps, weight, ctx.total)
             grad_input = stats.input_grad_from_sums(

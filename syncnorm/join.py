@@ -7,26 +7,32 @@ stand-in: a rank that has run out repeats, in each shadow iteration, the synced 
 last iteration with empty inputs (zero counts), so the other ranks' statistics are exactly those of the
 *active* ranks' batches and the stand-in rank's running statistics move with theirs.
 
-How it works (the recording and the replay are also an internal API for forward-only helpers such as a
-precise-BN pass: :class:`CollectiveRecorder` with :func:`side_groups`):
+How it works:
 
 * Inside ``join`` every synced collective of a group goes over a *side group* with the same ranks
-  (``comm._route``): DDP issues its gradient all_reduces asynchronously in the middle of the active
+  (``comm.routed``): DDP issues its gradient all_reduces asynchronously in the middle of the active
   ranks' backward, while a stand-in rank issues them from its join hook, so on one shared gloo group
   the two kinds would pair up out of order.
 * A :class:`CollectiveRecorder` watches every routed collective of an iteration: a statistics gather
   inside a ``SyncBatchNorm`` call is remembered as that layer call (replayed by calling the layer on an
-  empty ``(0, C, 1, ...)`` batch: zero count, running statistics and ``num_batches_tracked`` updated
-  from the gathered statistics as on the other ranks), any other collective as its size and dtype
-  (replayed with zeros, which is exactly an empty rank's contribution to a backward sum).
+  empty batch of the recorded input's shape, 0 in the batch dimension: zero count, running statistics
+  and ``num_batches_tracked`` updated from the gathered statistics as on the other ranks), any other
+  collective as its size and dtype (replayed with zeros, which is exactly an empty rank's contribution
+  to a backward sum).
 * The replay runs inside DDP's own join hook, after DDP's shadow of the forward (buffer broadcast,
   "is backward synced" all_reduce) and before its gradient all_reduces: the active ranks wait for the
   former before their forward's first synced layer, and for the latter only at the end of backward.
+
+``update_bn_stats`` (precise.py) stands in differently, by running the whole model on an empty batch:
+it must join collectives that syncnorm does not issue (FSDP's parameter all-gathers), a rank there may
+have no batch at all (nothing recorded to replay), and it has no backward. Here the stand-in runs inside
+DDP's join hook, without the model's input or loss, and must replay the backward sums: only a replay
+of the recorded layer calls and sums can do that. Hence two mechanisms.
 """
 
 import contextlib
 import weakref
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,61 +43,42 @@ from syncnorm import comm
 from syncnorm._compat import is_compiling
 from syncnorm.module import SyncBatchNorm
 
-__all__ = ["join", "CollectiveRecorder"]
+__all__ = ["join"]
 
 # Last recorded iteration of each model, kept across join contexts: a rank with no batch at all in one
 # context (epoch) replays what it recorded in an earlier one.
 _LAST_ITERATION: "weakref.WeakKeyDictionary[nn.Module, List[tuple]]" = weakref.WeakKeyDictionary()
-# Side groups by the ranks of the group they stand beside; created once per process (collectively).
-_SIDE_GROUPS: Dict[Tuple[int, ...], Any] = {}
 
 
 class CollectiveRecorder:
     """Records the synced collectives a model issues in one iteration and replays them as a stand-in.
 
-    Internal API shared by :func:`join` and forward-only helpers (precise BN). Use it inside
-    :func:`side_groups` (which routes and exposes the synced collectives); call :meth:`begin_iteration`
-    at the start of each real iteration (before the model's first synced layer), and on a rank that has
-    run out of data call :meth:`replay` once for every iteration the other ranks still run: it issues
-    the collectives of this rank's last recorded iteration in the same order, as a rank with an empty
-    batch would (all ranks of the layers' groups must be either running that iteration or replaying).
-    Forward-only iterations (``torch.no_grad``) record and replay only their forward gathers.
-
-    Args:
-        model: the module whose ``SyncBatchNorm`` layers are watched (a DDP wrapper's ``.module``).
-
-    Example::
-
-        >>> recorder = CollectiveRecorder(model)
-        >>> with side_groups(model), recorder:
-        ...     for batch in my_batches:
-        ...         recorder.begin_iteration()
-        ...         model(batch)
-        ...     for _ in range(iterations_others_still_run):
-        ...         recorder.replay()
+    Used as a context manager (it hooks the model's ``SyncBatchNorm`` layers) inside ``comm.routed``
+    with :meth:`observe` as the observer. Call :meth:`begin_iteration` at the start of each real
+    iteration (before the model's first synced layer); on a rank that has run out of data call
+    :meth:`replay` once for every iteration the other ranks still run: it issues the collectives of this
+    rank's last recorded iteration in the same order, as a rank with an empty batch would (all ranks of
+    the layers' groups must be either running that iteration or replaying). Forward-only iterations
+    (``torch.no_grad``) record and replay only their forward gathers.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.events: Optional[List[tuple]] = None  # this context's current iteration; None before the first
-        self._call: Optional[tuple] = None  # (layer, dtype, device, ndim) of the layer call under way
+        self._call: Optional[tuple] = None  # (layer, shape, dtype, device) of the layer call under way
         self._call_recorded = False
         self._replaying = False
         self._handles: list = []
 
     def __enter__(self) -> "CollectiveRecorder":
-        if comm._observer is not None:
-            raise RuntimeError("expected one CollectiveRecorder at a time (got a second one inside the first)")
         self._refuse_compiled = _refusal()
         for layer in self.model.modules():
             if isinstance(layer, SyncBatchNorm):
                 self._handles.append(layer.register_forward_pre_hook(self._enter_layer))
                 self._handles.append(layer.register_forward_hook(self._leave_layer))
-        comm._observer = self._observe
         return self
 
     def __exit__(self, *exc) -> None:
-        comm._observer = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -120,11 +107,14 @@ class CollectiveRecorder:
         try:
             for event in events:
                 if event[0] == "layer":
-                    _, layer, dtype, device, ndim = event
-                    empty = torch.empty((0, layer.num_features) + (1,) * (ndim - 2), dtype=dtype, device=device)
+                    # The recorded shape with 0 in the batch dimension: a layer whose forward takes
+                    # another layout than (N, C, ...) gets one it accepts.
+                    _, layer, shape, dtype, device = event
                     with torch.no_grad():
-                        layer(empty)
+                        layer(torch.empty((0,) + shape[1:], dtype=dtype, device=device))
                 else:
+                    # Zeros of the recorded size: an empty rank's share of a sum (packets are never
+                    # built here, so whatever the layers put in them is replayed as recorded).
                     kind, numel, dtype, device, group = event
                     zeros = torch.zeros(numel, dtype=dtype, device=device)
                     if kind == "gather":
@@ -139,13 +129,14 @@ class CollectiveRecorder:
             return
         input = args[0] if args else None
         if isinstance(input, Tensor):
-            self._call = (layer, input.dtype, input.device, max(input.dim(), 2))
+            self._call = (layer, tuple(input.shape), input.dtype, input.device)
             self._call_recorded = False
 
     def _leave_layer(self, layer: nn.Module, args: tuple, output: Any) -> None:
         self._call = None
 
-    def _observe(self, kind: str, tensor: Tensor, group) -> None:
+    def observe(self, kind: str, tensor: Tensor, group) -> None:
+        """The ``comm.routed`` observer: records each routed collective of a real iteration."""
         if is_compiling():
             self._refuse_compiled()
         if self._replaying or self.events is None:
@@ -195,35 +186,6 @@ def _synced_groups(model: nn.Module) -> List[Any]:
     return groups
 
 
-@contextlib.contextmanager
-def side_groups(model: nn.Module, extra_groups: Tuple[Any, ...] = ()) -> Iterator[Dict[int, Any]]:
-    """Route the synced collectives of ``model``'s layers (and of ``extra_groups``) over side groups.
-
-    Creating a side group is collective over the default group: all ranks must enter this together
-    (each distinct set of ranks gets its group once per process, then it is reused). Yields the map
-    ``id(group) -> side group`` (the default group under its own id). Not reentrant.
-    """
-    if comm._side_groups:
-        raise RuntimeError("expected one syncnorm.join context at a time (got one inside another)")
-    groups = _synced_groups(model) + [g for g in extra_groups]
-    mine = sorted({tuple(comm.group_ranks(g)) for g in groups})
-    everyone: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    # Every rank creates the same groups in the same order (new_group requires it), members or not.
-    for ranks in sorted({ranks for wanted in everyone for ranks in wanted}):
-        if ranks not in _SIDE_GROUPS:
-            _SIDE_GROUPS[ranks] = dist.new_group(list(ranks))
-    routes = {}
-    for group in groups:
-        parent = dist.group.WORLD if group is None else group
-        routes[id(parent)] = _SIDE_GROUPS[tuple(comm.group_ranks(group))]
-    comm._side_groups.update(routes)
-    try:
-        yield routes
-    finally:
-        comm._side_groups.clear()
-
-
 def _compiled(model: nn.Module) -> bool:
     """Whether ``model`` or one of its submodules runs under ``torch.compile``."""
     for module in model.modules():
@@ -258,11 +220,9 @@ class _Session:
         """First iteration of a context entered by a rank with nothing to replay: every rank learns
         whether some rank ran out before its first iteration, and all raise together if so."""
         self.check_pending = False
-        flag = torch.tensor([1.0 if missing else 0.0], device=self.device)
-        flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size(self.side))]
-        dist.all_gather(flags, flag, group=self.side)
+        flags = comm.all_gather(torch.tensor([1.0 if missing else 0.0], device=self.device), self.side)
         ranks = comm.group_ranks(self.group)
-        empty = [str(ranks[i]) for i, f in enumerate(flags) if f.item() != 0]
+        empty = [str(ranks[i]) for i, flag in enumerate(flags.flatten().tolist()) if flag]
         if empty:
             raise ValueError(
                 "syncnorm.join expected every rank to run at least one iteration before it runs out "
@@ -328,7 +288,8 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
     its first iteration there needs an iteration recorded in an earlier ``join`` of the same model,
     else every rank raises ``ValueError``.
     The synced layers' collectives go over a side process group with the same ranks, created on first
-    entry. All ranks must call this. Eager only: a model under ``torch.compile`` is a ``ValueError`` on
+    entry (for each default process group); routing is per thread (``comm.routed``). All ranks must
+    call this. Eager only: a model under ``torch.compile`` is a ``ValueError`` on
     entry, a compiled function inside its forward one at its first synced layer.
 
     Args:
@@ -369,13 +330,13 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
         )
     session = _Session(root, group, device)
     joinable = ddp if ddp is not None else _StandInJoinable(session)
-    with side_groups(root, extra_groups=(group,)) as routes, session.recorder:
-        session.side = routes[id(group)]
+    routes = comm.side_groups(_synced_groups(root) + [group])
+    session.side = routes[id(group)]
+    with comm.routed(routes, session.recorder.observe), session.recorder:
         # Once per context: is there a rank with nothing to replay? Then the first iteration checks
         # whether such a rank ran out before running one (one small gather, all ranks together).
         mine = torch.tensor([0.0 if session.recorder.has_recording else 1.0], device=device)
-        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=session.side)
-        session.check_pending = mine.item() != 0
+        session.check_pending = bool(comm.all_gather(mine, session.side).any())
         hooks = []
         try:
             if ddp is None:

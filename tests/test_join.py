@@ -225,12 +225,13 @@ def test_forward_only_model_without_ddp():
 
 def _recorder_rank(rank, world, sizes):
     """The internal record/replay API without Join: each rank knows how many iterations to replay."""
-    from syncnorm.join import CollectiveRecorder, side_groups
+    from syncnorm import comm
+    from syncnorm.join import CollectiveRecorder
 
     net = _net(syncnorm.SyncBatchNorm)
     recorder = CollectiveRecorder(net)
     outputs = []
-    with torch.no_grad(), side_groups(net), recorder:
+    with torch.no_grad(), comm.routed(comm.side_groups([None]), recorder.observe), recorder:
         for step, size in enumerate(sizes[rank]):
             recorder.begin_iteration()
             outputs.append(net(_batch(rank, 0, step, size)))
