@@ -3,6 +3,7 @@ step, BatchNorm on the concatenation of the batches of the ranks still running (
 semantics), with running statistics identical on every rank; errors reach every rank."""
 
 import inspect
+import threading
 
 import pytest
 import torch
@@ -30,9 +31,22 @@ def _net(norm):
     ).double()
 
 
-def _batch(rank, epoch, step, size, features=3):
+def _channels_last(norm):
+    """``norm`` for sequences ``(N, L, C)``, the layout of a transformer's activations (the Linear layers
+    of ``_net`` act on the last dimension): it normalizes ``(N, C, L)``, as BatchNorm1d expects."""
+
+    class SequenceNorm(norm):
+        def forward(self, x):
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+    return SequenceNorm
+
+
+def _batch(rank, epoch, step, size, features=3, length=None):
+    """``(size, features)``, or ``(size, length, features)`` for the sequence layers."""
     generator = torch.Generator().manual_seed(1000 * epoch + 10 * step + rank)
-    return torch.randn(size, features, generator=generator, dtype=torch.float64) * 2 + 1
+    shape = (size, features) if length is None else (size, length, features)
+    return torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1
 
 
 def _loss(out):
@@ -45,20 +59,20 @@ def _state(net):
     return [p.detach().clone() for p in net.parameters()], [b.clone() for b in net.buffers()]
 
 
-def _reference(epochs, world, divide_by_initial=True, grad=True, owners=None):
+def _reference(epochs, world, divide_by_initial=True, grad=True, owners=None, length=None):
     """One process: at each step, BatchNorm on the concatenated batches of the ranks still running.
 
     ``owners``: with ZeroRedundancyOptimizer, the rank that updates each parameter; torch's ZeRO join
     hook steps a rank's shard with that rank's own gradients, which it no longer has once it ran out,
     so that shard stays as it is while its owner stands in.
     """
-    net = _net(nn.BatchNorm1d)
+    net = _net(nn.BatchNorm1d if length is None else _channels_last(nn.BatchNorm1d))
     optimizer = torch.optim.SGD(net.parameters(), lr=LR)
     outputs = [[] for _ in range(world)]
     for epoch, sizes in enumerate(epochs):
         for step in range(max(len(s) for s in sizes)):
             active = [r for r in range(world) if step < len(sizes[r])]
-            pieces = [_batch(r, epoch, step, sizes[r][step]) for r in active]
+            pieces = [_batch(r, epoch, step, sizes[r][step], length=length) for r in active]
             with torch.set_grad_enabled(grad):
                 out = net(torch.cat(pieces))
             for r, piece in zip(active, out.split([p.size(0) for p in pieces])):
@@ -77,10 +91,10 @@ def _reference(epochs, world, divide_by_initial=True, grad=True, owners=None):
     return outputs, _state(net)
 
 
-def _train_rank(rank, world, epochs, zero=False, join_kwargs=None, device="cpu"):
+def _train_rank(rank, world, epochs, zero=False, join_kwargs=None, device="cpu", length=None):
     """This rank's outputs and final state (on the CPU); ``device``: where it trains (tests/test_gpu.py
-    runs this on ``cuda:0``)."""
-    net = _net(syncnorm.SyncBatchNorm).to(device)
+    runs this on ``cuda:0``); ``length``: sequences ``(N, length, C)`` through ``_channels_last`` layers."""
+    net = _net(syncnorm.SyncBatchNorm if length is None else _channels_last(syncnorm.SyncBatchNorm)).to(device)
     model = DistributedDataParallel(net, **_NO_BUFFER_SYNC)
     if zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -93,7 +107,7 @@ def _train_rank(rank, world, epochs, zero=False, join_kwargs=None, device="cpu")
         joinables = [optimizer] if zero else []
         with syncnorm.join(model, *joinables, **(join_kwargs or {})):
             for step, size in enumerate(sizes[rank]):
-                out = model(_batch(rank, epoch, step, size).to(device))
+                out = model(_batch(rank, epoch, step, size, length=length).to(device))
                 _loss(out).backward()
                 optimizer.step()
                 optimizer.zero_grad()
@@ -144,6 +158,14 @@ def test_three_ranks_two_epochs_rank_without_batches_matches_one_process():
 def test_zero_redundancy_optimizer_joins_too():
     results = run_ranks(_train_rank, 2, TWO_RANKS, True, timeout=120, pg_timeout=30)
     _check(results, _reference(TWO_RANKS, 2, owners=_owners(results)))
+
+
+@pytest.mark.parametrize("world, epochs", [(2, TWO_RANKS), (3, THREE_RANKS)], ids=["2ranks", "3ranks"])
+def test_layer_taking_another_layout_stands_in_with_its_own_shape(world, epochs):
+    # A SyncBatchNorm subclass whose forward takes (N, L, C): the stand-in replays an empty batch of the
+    # recorded shape, (0, L, C), which the subclass turns into (0, C, L) as for a real batch.
+    results = run_ranks(_train_rank, world, epochs, False, None, "cpu", 5, timeout=120, pg_timeout=30)
+    _check(results, _reference(epochs, world, length=5))
 
 
 @pytest.mark.slow
@@ -244,6 +266,68 @@ def test_record_and_replay_api_forward_only():
     sizes = [[3], [2, 4, 3]]
     results = run_ranks(_recorder_rank, 2, sizes, timeout=120, pg_timeout=30)
     _check(results, _reference([sizes], 2, grad=False))
+
+
+def _reinit_rank(rank, world, store_dir):
+    """Two rounds of the two-rank case, the default process group destroyed and initialized anew in
+    between; returns each round's outputs, state and number of process groups created."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from syncnorm._compat import destroy_process_group
+
+    created = []
+    new_group = dist.new_group
+
+    def counting_new_group(*args, **kwargs):
+        created.append(args)
+        return new_group(*args, **kwargs)
+
+    dist.new_group = counting_new_group
+    rounds = []
+    for round in range(2):
+        if round:
+            destroy_process_group()
+            store = dist.FileStore(os.path.join(store_dir, "second"), world)
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=30))
+        before = len(created)
+        rounds.append(_train_rank(rank, world, TWO_RANKS) + (len(created) - before,))
+    return rounds
+
+
+def test_side_groups_of_a_destroyed_default_group_are_not_reused(tmp_path):
+    results = run_ranks(_reinit_rank, 2, str(tmp_path), timeout=120, pg_timeout=30)
+    for round in range(2):
+        _check([rounds[round] for rounds in results], _reference(TWO_RANKS, 2))
+        assert [rounds[round][2] for rounds in results] == [1, 1]  # one side group, made anew
+
+
+def _other_thread_rank(rank, world, sizes):
+    """Forward-only join; after the first step another thread sends a sum over the default group."""
+    from syncnorm import comm
+
+    net = _net(syncnorm.SyncBatchNorm)
+    outputs, sums = [], []
+    with torch.no_grad(), syncnorm.join(net):
+        for step, size in enumerate(sizes[rank]):
+            outputs.append(net(_batch(rank, 0, step, size)))
+            if step == 0:
+                ones = torch.ones(5, dtype=torch.float64)
+                helper = threading.Thread(target=lambda: sums.append(comm.sum_across_ranks(ones)))
+                helper.start()
+                helper.join()
+    return outputs, _state(net), sums
+
+
+def test_routing_is_per_thread():
+    # The helper thread's sum is neither routed nor recorded: rank 0, which runs out after that step,
+    # replays only its layers' gathers.
+    sizes = [[3], [2, 4, 3]]
+    results = run_ranks(_other_thread_rank, 2, sizes, timeout=120, pg_timeout=20)
+    _check(results, _reference([sizes], 2, grad=False))
+    assert all(torch.equal(result[2][0], torch.full((5,), 2.0, dtype=torch.float64)) for result in results)
 
 
 def _bad_input_rank(rank, world, counts, bad_rank, bad_step):
