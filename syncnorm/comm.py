@@ -81,6 +81,11 @@ def world_size(group: ProcessGroup = None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
 
 
+def in_group(group: ProcessGroup = None) -> bool:
+    """Whether this process is a member of ``group`` (always without a process group)."""
+    return not is_distributed() or group is None or dist.get_rank(group) >= 0
+
+
 def group_ranks(group: ProcessGroup = None) -> List[int]:
     """Global ranks of the members of ``group``, in group order."""
     if not is_distributed():

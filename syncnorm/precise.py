@@ -8,10 +8,15 @@ per channel and in float64 (``stats.combine_stats``, Chan's pairwise form), and 
 combination in the same order gives every rank the same bits.
 
 Collectives: one ``all_gather`` of the packet length and one of the packet (``1 + 2C`` float64 per
-layer) at the end; when the model communicates in its forward (synced layers, FSDP), also one
-``all_gather`` of ``3 + 8`` float64 per forward of the default group, which says which ranks still
-have a batch and the input shape a rank that ran out copies for its stand-in forward (an empty batch,
-run once by every rank together the first time one is needed).
+layer) at the end, among the ranks of ``process_group``; over the default group one ``all_gather`` of
+one float at the start (does any rank's forward communicate?) and, if one does (synced layers, FSDP),
+one ``all_gather`` of ``3 + 8`` float64 per forward, which says which ranks still have a batch and the
+input shape a rank that ran out copies for its stand-in forward (an empty batch, run once by every rank
+together the first time one is needed).
+
+This stand-in runs the whole model, unlike ``syncnorm.join``'s replay of recorded layer calls: it has
+to join collectives that syncnorm does not issue (FSDP's parameter all-gathers), and a rank here may have
+no batch at all, so nothing of its own to replay (join.py's docstring says why join needs the other).
 """
 
 import sys
@@ -181,7 +186,9 @@ def update_bn_stats(
         num_batches: use at most this many batches of ``batches`` on this rank; None: all of them.
         process_group: ranks whose values are pooled (a group or a 1-D ``DeviceMesh``/mesh dimension);
             None: all ranks. With data replicated over a second mesh dimension, pass the data-parallel
-            one (``mesh["dp"]``), so each value counts once.
+            one (``mesh["dp"]``), so each value counts once. A rank outside the group runs its pass
+            (its forwards may communicate with the others) and keeps its model as it was, as torch's
+            collectives do nothing on a rank outside their group.
         device: move each input there first; None: leave it where the batch put it.
         progress: ``True`` prints a line per tenth of the pass on rank 0 (stderr); a callable is called
             as ``progress(batches_done, total)`` after each of this rank's batches, ``total`` being its
@@ -223,13 +230,17 @@ def update_bn_stats(
                                          buffers):
                     if buffer is not None:
                         buffer.copy_(value)
-    _pool_and_store(layers, totals, group, comm_device)
+    if comm.in_group(group):  # as torch's collectives, a no-op for a rank outside the group
+        _pool_and_store(layers, totals, group, comm_device)
 
 
 def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], device, comm_device: torch.device,
               progress, total: Optional[int]) -> None:
     """This rank's forwards; with collectives in the forward, stand-in forwards until all ranks are done."""
-    lockstep = comm.world_size() > 1 and _communicates_in_forward(net)
+    # Decided together: a rank outside the layers' group does not communicate in its forward, but the
+    # ranks inside wait for it in the per-forward exchange.
+    lockstep = comm.world_size() > 1 and bool(comm.all_gather(
+        torch.tensor([float(_communicates_in_forward(net))], device=comm_device)).any())
     iterator = iter(batches)
     done = 0
     probed = False

@@ -230,6 +230,31 @@ def test_launcher_precise_bn_batches(tmp_path):
     assert not torch.allclose(bn_layers(off)[0].running_var, layers[0].running_var, atol=1e-6)
 
 
+def _subgroup_on_rank(rank, world_size, counts_sizes, synced):
+    """Statistics pooled over ranks 0 and 1 of 3 (synced: the layers sync over them too); rank 2 is
+    outside the group and passes it as well."""
+    group = torch.distributed.new_group([0, 1])
+    model = make_model()
+    if synced:
+        model = syncnorm.convert_sync_batchnorm(model, process_group=group)
+    calls = []
+    syncnorm.update_bn_stats(model, rank_batches(rank, counts_sizes), process_group=group,
+                             progress=lambda done, total: calls.append((done, total)))
+    return _record(model) | {"calls": calls}
+
+
+@pytest.mark.parametrize("synced", [False, True], ids=["plain", "synced"])
+def test_rank_outside_the_process_group_keeps_its_model(synced):
+    sizes = [[4, 3], [2, 6, 3], [5]]
+    per_rank = run_ranks(_subgroup_on_rank, 3, sizes, synced, timeout=180, pg_timeout=20)
+    check(per_rank[:2], sizes[:2], synced)  # the members: as if they were the only ranks
+    outside, before = per_rank[2], _record(make_model())
+    for (mean, var), (mean_before, var_before) in zip(outside["stats"], before["stats"]):
+        assert torch.equal(mean, mean_before) and torch.equal(var, var_before)
+    assert outside["tracked"] == before["tracked"] and outside["modes"] == before["modes"]
+    assert len(outside["calls"]) == 1  # it ran its own batch
+
+
 def _bad_input_on_rank(rank, world_size):
     model = syncnorm.convert_sync_batchnorm(make_model())
     batches = [x for x, _ in rank_batches(rank, [[2, 3], [2, 3]])]
