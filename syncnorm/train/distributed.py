@@ -1,6 +1,9 @@
 """The process group from torchrun's environment, and the small helpers that work without one.
 
-:func:`setup_distributed` joins the group torchrun describes (``RANK``, ``WORLD_SIZE``, ...), or
+Every launcher ends here: torchrun sets ``RANK``, ``WORLD_SIZE``, ... itself; under ``srun`` without
+torchrun, :func:`syncnorm.train.preflight.check_launch_environment` has written the same variables
+from SLURM's (:func:`syncnorm.distributed.torchrun_environment`, which ``init_from_env`` uses too).
+:func:`setup_distributed` joins the group those variables describe, or
 returns a one-process :class:`DistInfo` for a plain ``python launch/train.py``; every helper here
 (:func:`all_sum`, :func:`broadcast_buffers`, :func:`wrap_ddp`) gives the one-process answer when
 ``world_size == 1``, so callers never test for it.

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from syncnorm import distributed as launchers
 from syncnorm.train.errors import ConfigError
 from syncnorm.train.models import has_sync_batchnorm, to_plain
 
@@ -25,17 +26,19 @@ GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class LaunchEnvironmentError(ConfigError):
-    """The process's torchrun variables do not describe a process group; every process says it (a
-    process with ``RANK=1`` would otherwise stay silent, as only rank 0 prints)."""
+    """The process's torchrun or SLURM variables do not describe a process group; every process says it
+    (a process with ``RANK=1`` would otherwise stay silent, as only rank 0 prints)."""
 
     every_rank = True
 
 
 def check_launch_environment(environ: Optional[Mapping[str, str]] = None) -> None:
-    """Refuse a torchrun environment that is half set, in one line (:class:`LaunchEnvironmentError`).
+    """Take SLURM's ranks as torchrun's, then refuse a torchrun environment that is half set, in one
+    line (:class:`LaunchEnvironmentError`).
 
-    None of ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set: one plain process. Any of them set: ``RANK``
-    and ``WORLD_SIZE`` must be (integers, ``0 <= RANK < WORLD_SIZE``), and with ``WORLD_SIZE > 1`` also
+    Under ``srun`` without torchrun, the torchrun variables that SLURM's describe are written to
+    ``os.environ`` (only checked, when ``environ`` is given). Then: none of ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK`` set: one plain process. Any of them set: ``RANK`` and ``WORLD_SIZE`` must be (integers, ``0 <= RANK < WORLD_SIZE``), and with ``WORLD_SIZE > 1`` also
     ``MASTER_ADDR`` and ``MASTER_PORT``. Inside a process group that already exists (tests) nothing
     is checked.
 
@@ -49,6 +52,13 @@ def check_launch_environment(environ: Optional[Mapping[str, str]] = None) -> Non
     if dist.is_available() and dist.is_initialized():
         return
     env = os.environ if environ is None else environ
+    try:
+        slurm = launchers.torchrun_environment(env)
+    except launchers.LaunchEnvironmentError as error:
+        raise LaunchEnvironmentError(str(error)) from None
+    if environ is None:
+        os.environ.update(slurm)
+    env = {**env, **slurm}
     names = dict.fromkeys(RANK_VARIABLES + GROUP_VARIABLES)  # in order, once each
     present = {name: env[name] for name in names if env.get(name, "") != ""}
     if not any(name in present for name in RANK_VARIABLES):
