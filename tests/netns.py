@@ -5,9 +5,11 @@ address on a private /24 only these namespaces use (nothing outside them is touc
 own host name (a UTS namespace per process) that resolves to 127.0.1.1 on that machine as on Debian,
 while the other machine's name resolves to its veth address as DNS would give it
 (``/etc/netns/<ns>/hosts``, which ``ip netns exec`` bind-mounts over ``/etc/hosts``), a default route
-through the veth (nothing lies beyond it: the other end is the other namespace), and, if asked,
-its own "local disk": a directory bind-mounted over a shared path in a private mount namespace, so the
-two machines see different files at the same path.
+through the veth (nothing lies beyond it: the other end is the other namespace), the machine's name
+servers unreachable (a lookup of a name not in the hosts file fails at once instead of waiting seconds
+for a server the veth cannot reach), and, if asked, its own "local disk": a directory bind-mounted
+over a shared path in a private mount namespace, so the two machines see different files at the same
+path.
 
 Needs root and a working ``ip netns`` (:func:`unavailable` says why not). Names carry the pid and a
 random suffix; :meth:`TwoHosts.close` deletes the namespaces (which deletes the veth pair) and their
@@ -56,6 +58,16 @@ def unavailable() -> Optional[str]:
     finally:
         _ip("netns", "delete", probe, check=False)
     return None
+
+
+def _name_servers(path: str = "/etc/resolv.conf") -> List[str]:
+    """The machine's IPv4 name servers that are not loopback (a namespace reaches none of them)."""
+    try:
+        with open(path) as conf:
+            words = [line.split() for line in conf]
+    except OSError:
+        return []
+    return [w[1] for w in words if len(w) >= 2 and w[0] == "nameserver" and "." in w[1] and not w[1].startswith("127.")]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -161,6 +173,8 @@ class TwoHosts:
                 _ip("-n", host.namespace, "link", "set", "lo", "up")
                 _ip("-n", host.namespace, "link", "set", host.interface, "up")
                 _ip("-n", host.namespace, "route", "add", "default", "dev", host.interface)
+                for server in _name_servers():
+                    _ip("-n", host.namespace, "route", "add", "unreachable", server)
         except BaseException:
             self.close()
             raise
