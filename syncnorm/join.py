@@ -107,14 +107,12 @@ class CollectiveRecorder:
         try:
             for event in events:
                 if event[0] == "layer":
-                    # The recorded shape with 0 in the batch dimension: a layer whose forward takes
-                    # another layout than (N, C, ...) gets one it accepts.
+                    # The recorded shape, 0 in the batch dimension: fits a layer taking (N, L, C) too.
                     _, layer, shape, dtype, device = event
                     with torch.no_grad():
                         layer(torch.empty((0,) + shape[1:], dtype=dtype, device=device))
                 else:
-                    # Zeros of the recorded size: an empty rank's share of a sum (packets are never
-                    # built here, so whatever the layers put in them is replayed as recorded).
+                    # Zeros of the recorded size and dtype: an empty rank's share (no packet built here).
                     kind, numel, dtype, device, group = event
                     zeros = torch.zeros(numel, dtype=dtype, device=device)
                     if kind == "gather":
@@ -162,28 +160,15 @@ _REFUSE_COMPILED = None  # made on first use: importing torch._dynamo takes abou
 
 
 def _refusal():
-    """``_raise_compiled`` hidden from dynamo, so that it raises when the graph runs, not while tracing:
-    dynamo answers an exception at trace time by running the frame eagerly, parts of it compiled, which
-    would not keep the ranks' running statistics bitwise equal (a graph would also keep the side group
-    and never report its collectives to the recorder). Raised before the collective, at the same call
-    on every running rank."""
+    """``_raise_compiled`` hidden from dynamo, so that it raises when the graph runs (before the collective,
+    at the same call on every running rank), not while tracing: dynamo would then run the frame partly
+    compiled, which keeps neither the ranks' running statistics bitwise equal nor the recorder informed."""
     global _REFUSE_COMPILED
     if _REFUSE_COMPILED is None:
         import torch._dynamo
 
         _REFUSE_COMPILED = torch._dynamo.disable(_raise_compiled)
     return _REFUSE_COMPILED
-
-
-def _synced_groups(model: nn.Module) -> List[Any]:
-    """The process groups of the model's synced layers (None for the default group), first use first."""
-    groups: List[Any] = []
-    for layer in model.modules():
-        if isinstance(layer, SyncBatchNorm):
-            group = layer.process_group  # a DeviceMesh was resolved to its group by the layer
-            if not any(group is seen for seen in groups):
-                groups.append(group)
-    return groups
 
 
 def _compiled(model: nn.Module) -> bool:
@@ -330,7 +315,7 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
         )
     session = _Session(root, group, device)
     joinable = ddp if ddp is not None else _StandInJoinable(session)
-    routes = comm.side_groups(_synced_groups(root) + [group])
+    routes = comm.side_groups([m.process_group for m in root.modules() if isinstance(m, SyncBatchNorm)] + [group])
     session.side = routes[id(group)]
     with comm.routed(routes, session.recorder.observe), session.recorder:
         # Once per context: is there a rank with nothing to replay? Then the first iteration checks
