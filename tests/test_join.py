@@ -330,6 +330,30 @@ def test_routing_is_per_thread():
     assert all(torch.equal(result[2][0], torch.full((5,), 2.0, dtype=torch.float64)) for result in results)
 
 
+def _backward_in_thread_rank(rank, world, epochs):
+    """The two-rank case with each backward run by another thread, as autograd runs the backward of CUDA
+    tensors on its device threads: the backward sums follow their forward's route all the same."""
+    net = _net(syncnorm.SyncBatchNorm)
+    model = DistributedDataParallel(net, **_NO_BUFFER_SYNC)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    outputs = []
+    with syncnorm.join(model):
+        for step, size in enumerate(epochs[0][rank]):
+            out = model(_batch(rank, 0, step, size))
+            helper = threading.Thread(target=_loss(out).backward)
+            helper.start()
+            helper.join()
+            optimizer.step()
+            optimizer.zero_grad()
+            outputs.append(out.detach())
+    return outputs, _state(net)
+
+
+def test_backward_on_another_thread_follows_its_forward():
+    results = run_ranks(_backward_in_thread_rank, 2, TWO_RANKS, timeout=120, pg_timeout=20)
+    _check(results, _reference(TWO_RANKS, 2))
+
+
 def _bad_input_rank(rank, world, counts, bad_rank, bad_step):
     model = DistributedDataParallel(_net(syncnorm.SyncBatchNorm))
     with syncnorm.join(model):
