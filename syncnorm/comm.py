@@ -13,6 +13,9 @@ Under ``torch.compile`` the same two collectives are issued as functional collec
 the c10d calls, which let gloo overlap the backward sum with local work. Neither waits on the host:
 on CUDA both are queued on the stream.
 
+Inside ``syncnorm.join`` a thread's collectives go over side groups with the same ranks (``routed``,
+below: an explicit, per-thread API; no other module writes this one's state).
+
 Every function here that communicates must be called by all ranks of the group, in the same order.
 Without an initialized process group they return the one-process answer, so callers never branch.
 """
@@ -211,12 +214,12 @@ def _start_all_gather(tensor: Tensor, group: ProcessGroup):
     return work, gathered.view(size, tensor.numel())
 
 
-def sum_across_ranks(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
+def sum_across_ranks(tensor: Tensor, group: ProcessGroup = None, route: Optional[Route] = None) -> Tensor:
     """Element-wise sum of ``tensor`` over the ranks of ``group``. All ranks must call this.
 
-    Exactly one collective; every rank gets the same bits back.
+    Exactly one collective; every rank gets the same bits back. ``route`` as for ``start_sum_across_ranks``.
     """
-    return start_sum_across_ranks(tensor, group)()
+    return start_sum_across_ranks(tensor, group, route)()
 
 
 def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None,
