@@ -9,8 +9,9 @@ each slurmd started with ``nsenter --net=``, so ``srun -N2`` really spans two ne
 namespaces both nodes listen on 127.0.0.1 and the two-network test is skipped.
 
 Checks: LeNet under ``srun -N1 -n2`` and under ``srun -N2 -n2`` (one rank per node) equals
-``torchrun --standalone --nproc_per_node=2`` bit for bit (metrics and every tensor of the saved model);
-a library script under ``srun`` matches BatchNorm on the global batch in one process; a job of two
+``torchrun --standalone --nproc_per_node=2`` bit for bit (metrics and every tensor of the saved model),
+and so does torchrun started by ``srun`` (a batch script's other form: torchrun's variables win); a
+library script under ``srun`` matches BatchNorm on the global batch in one process; a job of two
 tasks that runs the launcher without ``srun`` (``salloc``) is one line and exit status 2.
 
 The other tests read SLURM's variables in this process (no SLURM needed) and run by default.
@@ -199,6 +200,15 @@ def test_launcher_under_srun_two_nodes_equals_torchrun(cluster, torchrun_referen
     for node in cluster.nodes:  # one rank on each node, each on its own network, reaching n1's store
         assert f"interface veth{'ab'[int(node.name[1]) - 1]} ({node.address}, the address that reaches " \
                f"MASTER_ADDR={cluster.nodes[0].address})" in done.stdout + done.stderr, report
+    _assert_same_run(f"{tmp_path}/run", torchrun_reference, report)
+
+
+@pytest.mark.engines
+def test_torchrun_under_srun_still_equals_torchrun(cluster, torchrun_reference, tmp_path):
+    # the form of a batch script that starts one torchrun per node: in its workers torchrun's variables win
+    done, report = _srun(cluster, ["-N1", "-n1", TORCHRUN, "--standalone", "--nproc_per_node=2", *TRAIN[1:],
+                                   "--set", f"output_dir={tmp_path}/run"])
+    assert done.returncode == 0, report
     _assert_same_run(f"{tmp_path}/run", torchrun_reference, report)
 
 
