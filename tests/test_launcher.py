@@ -277,12 +277,12 @@ def test_ctrl_c_under_torchrun_is_one_line_from_rank_0_and_every_rank_logs_it(tm
 def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_the_write(tmp_path, python_sigint_handler):
     """SIGINT inside the block is held until the block is done (the checkpoint is whole), then raised; an
     error raised while handling a Ctrl-C (torch.save cut short) still counts as the interrupt."""
-    from syncnorm.train.loop import _during_interrupt, _interrupts_deferred
+    from syncnorm.train.interrupts import during_interrupt, interrupts_deferred
 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     path = tmp_path / "ckpt_epoch1.pt"
     with pytest.raises(KeyboardInterrupt):
-        with _interrupts_deferred():
+        with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)  # a signal handler runs here at the latest: the default one would raise now
             ckpt.atomic_save({"w": torch.ones(3)}, str(path))
@@ -295,8 +295,8 @@ def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_the_write(tmp_p
         except KeyboardInterrupt:
             raise RuntimeError("unexpected pos 373312 vs 373216")  # what torch.save raised in that case
     except RuntimeError as error:
-        assert _during_interrupt(error)
-    assert not _during_interrupt(RuntimeError("Connection closed by peer"))
+        assert during_interrupt(error)
+    assert not during_interrupt(RuntimeError("Connection closed by peer"))
 
 
 # --------------------------------------------------------------------------- resume keeps the run's settings

@@ -9,9 +9,11 @@ given here. ``--set a.b=value`` overrides are parsed with YAML too, so they are 
     configs/lenet.yaml: unknown key train.epoch; did you mean train.epochs?
 """
 
+import copy
 import dataclasses
 import difflib
 import math
+import operator
 import os
 import re
 import typing
@@ -137,12 +139,12 @@ def _got(value) -> str:
     return "null" if value is None else repr(value)
 
 
+# The bounds a field may have: rule name, how it reads, the test a value must pass.
+_BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
+
+
 def _range_text(rules) -> str:
-    parts = []
-    for key, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-        if rules.get(key) is not None:
-            parts.append(f"{sign} {rules[key]}")
-    return " and ".join(parts)
+    return " and ".join(f"{sign} {rules[key]}" for key, sign, _ in _BOUNDS if rules.get(key) is not None)
 
 
 def _coerce(value, tp, rules, path):
@@ -182,14 +184,8 @@ def _coerce(value, tp, rules, path):
         close = difflib.get_close_matches(str(value), rules["choices"], n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise _Invalid(path, f"expected one of {', '.join(rules['choices'])} (got {value!r}){hint}")
-    bounds = _range_text(rules)
-    if bounds and tp in (int, float):
-        checks = {"ge": rules["ge"] is None or value >= rules["ge"],
-                  "gt": rules["gt"] is None or value > rules["gt"],
-                  "le": rules["le"] is None or value <= rules["le"],
-                  "lt": rules["lt"] is None or value < rules["lt"]}
-        if not all(checks.values()):
-            raise _Invalid(path, f"expected {_describe(tp)} {bounds} (got {value!r})")
+    if tp in (int, float) and not all(rules.get(key) is None or test(value, rules[key]) for key, _, test in _BOUNDS):
+        raise _Invalid(path, f"expected {_describe(tp)} {_range_text(rules)} (got {value!r})")
     return value
 
 
@@ -270,7 +266,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Iterable[str]) -> Tuple[Dic
 
     Returns (merged mapping, {key path: "--set ..."}) so errors can name the override they came from.
     """
-    merged = _copy(data)
+    merged = copy.deepcopy(data)
     origins = {}
     for text in overrides:
         keys, value = _parse_override(text)
@@ -293,12 +289,6 @@ def apply_overrides(data: Dict[str, Any], overrides: Iterable[str]) -> Tuple[Dic
                 node[key] = value
         origins[path] = f"--set {text}"
     return merged, origins
-
-
-def _copy(data):
-    if isinstance(data, dict):
-        return {k: _copy(v) for k, v in data.items()}
-    return data
 
 
 def read_yaml(path: str) -> Any:

@@ -17,11 +17,8 @@ Failures of a started run raise :class:`TrainingError`: :class:`NonFiniteLossErr
 :class:`UnsupportedOperationError`, :class:`Interrupted` (Ctrl-C).
 """
 
-import contextlib
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -40,8 +37,9 @@ from syncnorm.train.data import make_loaders, uneven_step_samples
 from syncnorm.train.distributed import (DistInfo, broadcast_buffers, expected_rank, seed_everything, setup_distributed,
                                         threads_text, wrap_ddp)
 from syncnorm.train.epoch import LoopState, evaluate, notify, train_one_epoch, training_step
-from syncnorm.train.errors import (CollectiveError, ConfigError, Interrupted, NonFiniteLossError, TrainingError,
+from syncnorm.train.errors import (CollectiveError, ConfigError, NonFiniteLossError, TrainingError,
                                    UnsupportedOperationError)
+from syncnorm.train.interrupts import during_interrupt, interrupted, interrupts_deferred
 from syncnorm.train.models import count_parameters, has_sync_batchnorm
 from syncnorm.train.preflight import check_run, say_if_nothing_syncs
 from syncnorm.train.resume import restore
@@ -100,36 +98,30 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
     info = None
     started = ended = False  # a failed or interrupted run redraws curves.png in `finally`
     try:
-        try:
-            state.phase = "joining the process group"
-            info = setup_distributed(cfg)
-            run = set_up(cfg, info, reporter, state)
-            if resume:
-                restore(run, resume)
-            if run.start_epoch > cfg.train.epochs:
-                return nothing_to_do(run)
-            check_run(run)
-            start(run)
-            started = True
-            train_epochs(run, callbacks)
-            result, ended = finish(run, run_start), True
-            return result
-        except (TrainingError, ConfigError):
-            raise
-        except Exception as error:
-            if _during_interrupt(error):
-                raise KeyboardInterrupt from error
-            diagnosed = _diagnose(error, cfg, info, state, tag) if info is not None else error
-            if diagnosed is error:
-                raise
-            raise diagnosed from error
-    except KeyboardInterrupt:
-        raise _interrupted(state, reporter) from None
+        state.phase = "joining the process group"
+        info = setup_distributed(cfg)
+        run = set_up(cfg, info, reporter, state)
+        if resume:
+            restore(run, resume)
+        if run.start_epoch > cfg.train.epochs:
+            return nothing_to_do(run)
+        check_run(run)
+        start(run)
+        started = True
+        train_epochs(run, callbacks)
+        result, ended = finish(run, run_start), True
+        return result
     except (TrainingError, ConfigError) as error:
-        reporter.failure(str(error))
-        error.log_path = reporter.log_path
+        _said(error, reporter)
         raise
-    except Exception as error:  # a bug: its traceback follows on stderr
+    except BaseException as error:  # Ctrl-C, a failed collective, or a bug (which keeps its traceback)
+        if isinstance(error, KeyboardInterrupt) or during_interrupt(error):
+            raise _said(interrupted(state), reporter) from None
+        if not isinstance(error, Exception):
+            raise
+        diagnosed = _diagnose(error, cfg, info, state, tag) if info is not None else error
+        if diagnosed is not error:
+            raise _said(diagnosed, reporter) from error
         reporter.failure(f"{type(error).__name__}: {failures.first_line(error)} (traceback on stderr)")
         raise
     finally:
@@ -138,6 +130,13 @@ def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter
         reporter.close_log()
         if info is not None and info.owns_group and dist.is_initialized():
             destroy_process_group()  # without the gloo teardown deadlock of torch <= 2.6
+
+
+def _said(error: Exception, reporter: Reporter) -> Exception:
+    """``error`` (one line) written to this rank's log, with ``log_path`` naming that log."""
+    reporter.failure(str(error))
+    error.log_path = reporter.log_path
+    return error
 
 
 def _open_log(reporter: Reporter, cfg: Config, rank: int, world_size: int) -> Reporter:
@@ -161,51 +160,6 @@ def _diagnose(error: Exception, cfg: Config, info: DistInfo, state: LoopState, t
         logs_dir = os.path.dirname(rundir.log_path(cfg.output_dir, 0))
         return CollectiveError(failures.describe_collective_failure(error, info, state, timeout_s, tag,
                                                                     logs_dir=logs_dir))
-    return error
-
-
-def _during_interrupt(error: BaseException) -> bool:
-    """True when ``error`` was raised while handling a Ctrl-C (e.g. torch.save cut short)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, KeyboardInterrupt):
-            return True
-        seen.add(id(error))
-        error = error.__context__
-    return False
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Ctrl-C during the block takes effect after it (a checkpoint being written is finished first).
-    Only the main thread can set a signal handler; elsewhere the block runs as is."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
-def _interrupted(state: LoopState, reporter: Reporter) -> "Interrupted":
-    """Ctrl-C: where it stopped, the checkpoint to continue from, and how."""
-    if state.phase == "training step":
-        where = f"at epoch {state.epoch}, step {state.step + 1}"
-    elif state.epoch:
-        where = f"at epoch {state.epoch} ({state.phase})"
-    else:
-        where = f"during {state.phase or 'start-up'}"
-    last = state.last_checkpoint or "none (no epoch finished)"
-    text = f"interrupted {where}; last checkpoint {last}; continue with --resume auto"
-    reporter.failure(text)
-    error = Interrupted(text)
-    error.log_path = reporter.log_path
     return error
 
 
@@ -293,7 +247,7 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
                "samples": train_stats["samples"], "skipped_steps": train_stats["skipped_steps"]}
         run.metrics.append(row)
         run.reporter.epoch_row(row)
-        with _interrupts_deferred():  # the row and the checkpoint are written whole, and state says so
+        with interrupts_deferred():  # the row and the checkpoint are written whole, and state says so
             state.last_checkpoint = _save_epoch(run, epoch, row)
         state.phase = "end of epoch"
         notify(callbacks, "on_epoch_end", state)
