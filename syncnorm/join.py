@@ -139,9 +139,9 @@ class CollectiveRecorder:
             self._refuse_compiled()
         if self._replaying or self.events is None:
             return
-        if kind == "gather" and self._call is not None:
-            # One event per layer call, however many gathers it sends (its first call adds the
-            # channel-count check): the replayed call decides that again from the layer's own flag.
+        if self._call is not None:
+            # One event per layer call, whatever it sends (its first call adds the channel-count
+            # check): the replayed call sends it again, deciding as the layer does.
             if not self._call_recorded:
                 self.events.append(("layer",) + self._call)
                 self._call_recorded = True
