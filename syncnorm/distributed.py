@@ -164,6 +164,10 @@ def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = 
     variables are turned into torchrun's (:func:`torchrun_environment`) and written to ``os.environ``,
     so later code that reads ``LOCAL_RANK`` finds it. All ranks must call this.
 
+    Gloo listens on the address this host's name resolves to; where that is a loopback address (Debian's
+    ``127.0.1.1``, many containers) and the ranks span machines, set ``GLOO_SOCKET_IFNAME`` to the
+    interface that reaches the other nodes (``launch/train.py`` picks it itself).
+
     Args:
         backend: ``"gloo"``, ``"nccl"``, ...; default ``None``: ``"nccl"`` when CUDA is available, else
             ``"gloo"``. With ``"nccl"`` the current CUDA device becomes ``LOCAL_RANK``.
