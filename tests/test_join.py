@@ -350,6 +350,9 @@ def _backward_in_thread_rank(rank, world, epochs):
 
 
 def test_backward_on_another_thread_follows_its_forward():
+    # Needs the Function to keep its forward's route (ctx.route = comm.current_route()) and pass it to
+    # every collective of its backward (route=ctx.route); without it the sums miss the side group and
+    # the ranks time out.
     results = run_ranks(_backward_in_thread_rank, 2, TWO_RANKS, timeout=120, pg_timeout=20)
     _check(results, _reference(TWO_RANKS, 2))
 
