@@ -5,8 +5,6 @@ step; deciding *whether* to sync (eval mode, one rank, no process group) is the 
 and ``sync_batch_norm`` makes that decision for functional users.
 """
 
-import collections
-import weakref
 from typing import List, Optional
 
 import torch
@@ -16,6 +14,10 @@ from torch.autograd.function import once_differentiable
 
 from syncnorm import comm, stats
 from syncnorm._compat import check_compile_supported, is_compiling
+from syncnorm._identity import (
+    FUNCTIONAL, LayerIdentity, device_check_forward, device_check_sum, gather_mismatch, sum_mismatch,
+)
+from syncnorm._recompute import ForwardRecords, Record, checkpoint_region, in_backward
 
 
 def host_reads_allowed(input: Tensor) -> bool:
@@ -31,94 +33,6 @@ def host_reads_allowed(input: Tensor) -> bool:
 
 # Tests switch this off to run the on-device path eagerly on CPU.
 _HOST_READS = True
-
-
-def in_backward() -> bool:
-    """Whether the autograd engine is running a backward pass on this thread.
-
-    A synced layer's forward that runs then is an activation checkpoint's recompute: reentrant
-    ``torch.utils.checkpoint`` reruns the checkpointed function inside its backward, and the
-    non-reentrant one inside the unpacking of a saved tensor, both in the engine.
-    """
-    return torch._C._current_graph_task_id() != -1
-
-
-def _saved_tensor_hooks_active() -> bool:
-    """Whether saved-tensor hooks are installed: non-reentrant checkpointing runs its forward under them."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:  # pragma: no cover - a torch that cannot tell: keep a record, to be safe
-        return True
-    try:
-        return top(False) is not None
-    except TypeError:  # pragma: no cover - older torch takes no argument
-        return top() is not None
-
-
-class _Record:
-    """One synced forward's results: the local statistics packet that identifies its input, and what
-    the exchange gave (global mean and variance, global count)."""
-
-    __slots__ = ("order", "local", "mean", "var", "total", "__weakref__")
-
-    def __init__(self, order, local, mean, var, total) -> None:
-        self.order, self.local, self.mean, self.var, self.total = order, local, mean, var, total
-
-
-class ForwardRecords:
-    """What one synced layer's recent forwards computed, so that an activation checkpoint's recompute
-    of one of them reuses it: no second collective and no second running-statistics update.
-
-    A forward that runs with gradients on under saved-tensor hooks (non-reentrant checkpointing) keeps
-    its record on its autograd node, so the record lives exactly as long as the graph that can
-    recompute it. A training forward with gradients off (reentrant checkpointing runs the function so
-    the first time) has no node: its record joins a queue of the last ``UNTIED_LIMIT`` such forwards.
-    Forwards with gradients on and no hooks cannot be recomputed and keep nothing.
-
-    A recompute finds its record by the bits of its local statistics packet (count, mean, variance):
-    the same input gives the same packet, a different input almost surely does not, and then it is an
-    error, not stale statistics.
-    """
-
-    UNTIED_LIMIT = 64
-
-    def __init__(self) -> None:
-        self._tied: List["weakref.ref[_Record]"] = []
-        self._untied = collections.deque(maxlen=self.UNTIED_LIMIT)
-        self._added = 0
-
-    def __reduce__(self):
-        # A copied or pickled layer starts with no records: they belong to this process's graphs.
-        return (ForwardRecords, ())
-
-    @staticmethod
-    def wanted() -> bool:
-        """Whether a synced forward that runs now could be recomputed by a checkpoint."""
-        return not torch.is_grad_enabled() or _saved_tensor_hooks_active()
-
-    def add(self, owner, local: Tensor, mean, var, total) -> None:
-        """Keep a forward's results; ``owner`` is its autograd context, or None without gradients."""
-        self._added += 1
-        record = _Record(self._added, local, mean, var, total)
-        if owner is None:
-            self._untied.append(record)
-            return
-        owner.syncnorm_record = record  # the node holds the record; the layer only a weak reference
-        self._tied = [ref for ref in self._tied if ref() is not None]
-        self._tied.append(weakref.ref(record))
-
-    def find(self, local: Tensor) -> _Record:
-        """The newest kept forward whose local statistics equal ``local`` bit for bit."""
-        candidates = [record for record in (ref() for ref in self._tied) if record is not None]
-        candidates += list(self._untied)
-        for record in sorted(candidates, key=lambda record: record.order, reverse=True):
-            if record.local.shape == local.shape and torch.equal(record.local, local):
-                return record
-        raise ValueError(
-            "SyncBatchNorm expected a recomputed forward (activation checkpointing) to see the same input "
-            f"as an earlier forward of this layer (got an input whose statistics match none of the "
-            f"{len(candidates)} forwards kept); make the checkpointed function deterministic "
-            "(preserve_rng_state=True, the same inputs), or do not run the model inside a backward pass"
-        )
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -144,64 +58,80 @@ class SyncBatchNormFunction(torch.autograd.Function):
         process_group: comm.ProcessGroup,
         records: Optional[ForwardRecords] = None,
         keep_on_node: bool = False,
+        identity: Optional[LayerIdentity] = None,
     ) -> Tensor:
+        identity = FUNCTIONAL if identity is None else identity
         count, mean, var = stats.local_stats(input)
-        local = stats.pack_stats(count, mean, var)
-        ctx.process_group = process_group
-        ctx.route = comm.current_route()  # for a backward on autograd's device thread (CUDA): see comm
-        ctx.eps = eps
+        local = stats.pack_synced(count, mean, var, identity.tail(mean, 0))
+        host_reads = host_reads_allowed(input)
+        ctx.process_group, ctx.eps, ctx.identity = process_group, eps, identity
         if records is not None and in_backward():
             # A checkpoint's recompute: the original forward already synced and updated the running
             # statistics; reuse its results so that the output and what is saved for backward are
-            # the same bits as the first time, with no collective.
-            return _replay(ctx, input, weight, bias, eps, records.find(local))
+            # the same bits as the first time, with no collective. Whether it saw the original input
+            # travels in the backward sum: every rank raises there, not this one alone.
+            ctx.checked = True
+            record, valid = records.find(local, host_reads)
+            return _replay(ctx, input, weight, bias, record, valid, (count, mean, var))
+        region = None if records is None else checkpoint_region()
+        # Only a forward that a checkpoint can recompute checks the recompute, even with no input gradient.
+        ctx.checked = region is not None
+        channels = mean.numel()
         # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
         # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
         gathered = comm.all_gather(local, process_group)
-        if host_reads_allowed(input):
-            # The counts as Python numbers (one small copy): the checks and weights cost no ops.
-            counts = gathered.select(1, 0).tolist()
+        tail = identity.tail(mean, 1)
+        if host_reads:
+            # The counts and layer identities as Python numbers (one small copy): the checks and
+            # weights cost no ops.
+            heads = gathered[:, 2 * channels :].tolist()
+            counts = [head[0] for head in heads]
             _raise_if_any_rank_invalid(counts, process_group)
+            problem = gather_mismatch([head[1:] for head in heads], identity, comm.group_ranks(process_group))
+            if problem is not None:
+                raise ValueError(problem)
             total = int(sum(counts))
             if total == 1:
                 raise ValueError(_one_value_message(f"got input size {list(input.shape)} on this rank, "))
             if total == 0:
                 # Every rank's batch is empty: nothing to normalize, and the running statistics stay
-                # as they are (as in BatchNorm). Every rank knows this, so backward sends nothing.
+                # as they are (as in BatchNorm). Every rank knows this, so backward sends no sums.
                 ctx.total = 0
-                ctx.save_for_backward(input, weight)
+                ctx.save_for_backward(input, weight, None, None, tail)
                 if records is not None:
-                    records.add(ctx if keep_on_node else None, local, None, None, 0)
+                    records.add(ctx if keep_on_node else None, local, None, None, 0, region)
                 return torch.empty_like(input)
-            global_mean, global_var = stats.combine_gathered(gathered, counts)
+            global_mean, global_var = stats.combine_gathered(gathered, counts, channels)
         else:
-            counts = gathered.select(1, 0)
+            counts, means, vars = stats.unpack_synced(gathered, channels)
             total = counts.sum()
             _assert_counts_on_device(counts, total)
-            global_mean, global_var = stats.combine_stats(*stats.unpack_stats(gathered))
+            device_check_forward(gathered[:, 2 * channels + 1 :], identity.tail(mean, 0))
+            global_mean, global_var = stats.combine_stats(counts, means, vars)
         ctx.total = total
         stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
         if records is not None:
-            records.add(ctx if keep_on_node else None, local, global_mean, global_var, total)
+            records.add(ctx if keep_on_node else None, local, global_mean, global_var, total, region)
         # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
-        ctx.save_for_backward(input, weight, global_mean, global_var)
+        ctx.save_for_backward(input, weight, global_mean, global_var, tail)
         return stats.normalize(input, global_mean, global_var, weight, bias, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
-        if isinstance(ctx.total, int) and ctx.total == 0:  # known on the host: skip the collective
-            input, weight = ctx.saved_tensors
+        input, weight, mean, var, tail = ctx.saved_tensors
+        nothing = (None,) * 9
+        if isinstance(ctx.total, int) and ctx.total == 0:  # known on the host: no sums to send
+            if ctx.checked:  # but a recompute's validity still goes round, so that every rank raises
+                _check_sum(comm.sum_across_ranks(tail.clone(), ctx.process_group), tail, ctx)
             zeros = None if weight is None else torch.zeros_like(weight)
             return (
                 torch.zeros_like(input) if need_input_grad else None,
                 zeros if need_weight_grad else None,
                 zeros.clone() if need_bias_grad and zeros is not None else None,
-                None, None, None, None, None, None, None,
-            )
+            ) + nothing
 
-        input, weight, mean, var = ctx.saved_tensors
         # One native pass gives sum(dy) and the local weight gradient invstd * sum(dy * (x - mean)).
         sum_dy, grad_weight_local = stats.grad_sums_scaled(grad_output, input, mean, var, ctx.eps)
 
@@ -209,30 +139,69 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_input_grad:
             # Every rank knows whether its input needs a gradient (the model is the same on all of
             # them), so the collective is skipped consistently, e.g. for a first layer fed data.
-            sums = torch.cat([sum_dy, grad_weight_local])
-            finish_sum = comm.start_sum_across_ranks(sums, ctx.process_group, ctx.route)
+            sums = torch.cat([sum_dy, grad_weight_local, tail])
+            finish_sum = comm.start_sum_across_ranks(sums, ctx.process_group)
             # Everything that needs no other rank's data runs while the sums are in flight.
             scales = stats.input_grad_scales(input, var, ctx.eps, weight, ctx.total)
+            global_sums = finish_sum()
+            channels = sum_dy.numel()
+            _check_sum(global_sums[2 * channels :], tail, ctx)
             grad_input = stats.input_grad_from_sums(
-                grad_output, input, mean, var, ctx.eps, scales, finish_sum()
+                grad_output, input, mean, var, ctx.eps, scales, global_sums[: 2 * channels]
             )
+        elif ctx.checked:
+            _check_sum(comm.sum_across_ranks(tail.clone(), ctx.process_group), tail, ctx)
         # Weight and bias gradients stay local on purpose: DistributedDataParallel averages parameter
         # gradients across ranks, so reducing them here as well would count them twice.
         if need_weight_grad:
             grad_weight = stats.as_dtype(grad_weight_local, weight.dtype)
         if need_bias_grad:
             grad_bias = stats.as_dtype(sum_dy, weight.dtype if weight is not None else grad_output.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return (grad_input, grad_weight, grad_bias) + nothing
 
 
-def _replay(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, record: _Record) -> Tensor:
-    """The forward's result and saved tensors from a recorded forward, exactly as that forward left them."""
+def _replay(ctx, input, weight, bias, record, valid, local_stats) -> Tensor:
+    """The forward's result and saved tensors from a recorded forward, exactly as that forward left them;
+    the saved backward tail says whether the recompute saw that forward's input (``valid``)."""
+    identity = ctx.identity
+    count, mean, var = local_stats
+    like = mean
+    if isinstance(valid, bool):
+        tail = identity.tail(like, 1, invalid=not valid)
+    else:  # a device flag: choose on the device
+        tail = torch.where(valid, identity.tail(like, 1), identity.tail(like, 1, invalid=True))
+    if record is None:  # nothing kept to repeat (invalid): the local statistics stand in
+        record = Record(0, None, mean, var, count if host_reads_allowed(input) else mean.new_full((), count), None)
     ctx.total = record.total
     if isinstance(record.total, int) and record.total == 0:
-        ctx.save_for_backward(input, weight)
+        ctx.save_for_backward(input, weight, None, None, tail)
         return torch.empty_like(input)
-    ctx.save_for_backward(input, weight, record.mean, record.var)
-    return stats.normalize(input, record.mean, record.var, weight, bias, eps)
+    ctx.save_for_backward(input, weight, record.mean, record.var, tail)
+    return stats.normalize(input, record.mean, record.var, weight, bias, ctx.eps)
+
+
+def _check_sum(summed: Tensor, mine: Tensor, ctx) -> None:
+    """Raise on every rank (eager CPU) or assert on the device when a backward sum's tail shows other
+    layers, or a recompute that saw another input on some rank."""
+    world = comm.world_size(ctx.process_group)
+    if not host_reads_allowed(summed):
+        device_check_sum(summed[1:], world)
+        torch._assert_async(summed[0] == 0, _RECOMPUTE_MESSAGE)
+        return
+    values = summed.tolist()
+    problem = sum_mismatch(values[1:], ctx.identity, world)
+    if problem is not None:
+        raise ValueError(problem)
+    if values[0] != 0:
+        here = "this rank included" if mine[0].item() != 0 else "not this rank"
+        raise ValueError(f"{_RECOMPUTE_MESSAGE} (got another input on {int(values[0])} rank(s), {here})")
+
+
+_RECOMPUTE_MESSAGE = (
+    "SyncBatchNorm expected a recomputed forward (activation checkpointing) to see the same input as its "
+    "original forward; make the checkpointed function deterministic (preserve_rng_state=True, the same "
+    "inputs), or do not run the model inside a backward pass"
+)
 
 
 def _one_value_message(detail: str = "") -> str:
@@ -303,6 +272,7 @@ def sync_batch_norm(
     process_group: comm.ProcessGroup = None,
     num_features: Optional[int] = None,
     records: Optional[ForwardRecords] = None,
+    identity: Optional[LayerIdentity] = None,
 ) -> Tensor:
     r"""Batch normalization whose batch statistics span all ranks of ``process_group``.
 
@@ -329,6 +299,8 @@ def sync_batch_norm(
             :class:`syncnorm.SyncBatchNorm` passes its own): a forward recomputed by activation
             checkpointing reuses the recorded results of the original one, with no collective and no
             running-statistics update. None: every call syncs.
+        identity: the layer's identity in the collectives (as :class:`syncnorm.SyncBatchNorm` passes
+            its own), checked on every rank; None: all such calls share one identity.
 
     Example::
 
@@ -350,12 +322,15 @@ def sync_batch_norm(
         # A recompute sends nothing (the other ranks are in their backward): it only raises.
         if synced and expected is not None and not (records is not None and in_backward()):
             dtype = stats.stats_dtype(input.dtype) if input.is_floating_point() else torch.float32
-            gathered = comm.all_gather(stats.invalid_packet(expected, dtype, input.device), process_group)
+            zeros = torch.zeros(expected, dtype=dtype, device=input.device)
+            tail = (FUNCTIONAL if identity is None else identity).tail(zeros, 0)
+            packet = stats.pack_synced(stats.INVALID_COUNT, zeros, zeros, tail)  # marks this rank's input invalid
+            gathered = comm.all_gather(packet, process_group)
             if is_compiling():
                 # A raise would stop the trace before the marker is sent, leaving the other ranks to
                 # time out; an assert that fails when the graph runs sends it first (the gathered
                 # counts include this rank's marker, so it always fails).
-                _assert_no_invalid_rank(gathered.select(1, 0), f"SyncBatchNorm {problem}")
+                _assert_no_invalid_rank(gathered.select(1, 2 * expected), f"SyncBatchNorm {problem}")
                 return input
         raise ValueError(f"SyncBatchNorm {problem}")
     if not synced:
@@ -365,5 +340,6 @@ def sync_batch_norm(
         tensor is not None and tensor.requires_grad for tensor in (input, weight, bias)
     )
     return SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, process_group, records, keep_on_node
+        input, weight, bias, running_mean, running_var, eps, momentum, process_group, records, keep_on_node,
+        identity,
     )

@@ -8,7 +8,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncnorm import comm
 from syncnorm._compat import is_compiling
-from syncnorm.functional import ForwardRecords, host_reads_allowed, in_backward, input_error, sync_batch_norm
+from syncnorm._identity import LayerIdentity
+from syncnorm._recompute import ForwardRecords, in_backward
+from syncnorm.functional import host_reads_allowed, input_error, sync_batch_norm
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -89,6 +91,9 @@ class SyncBatchNorm(_BatchNorm):
         self._num_features_verified = False
         # Recent synced forwards, for activation checkpointing's recompute to reuse (not state: not saved).
         self._forward_records = ForwardRecords()
+        # What names this layer in the collectives, the same on every rank: its construction order
+        # here, its qualified name once convert_sync_batchnorm walks the model (syncnorm._identity).
+        self._identity = LayerIdentity.built(type(self).__name__, num_features)
 
     def _check_input_dim(self, input: Tensor) -> None:
         problem = input_error(input, self.num_features)
@@ -100,7 +105,7 @@ class SyncBatchNorm(_BatchNorm):
         # as in torch.nn.SyncBatchNorm.
         synced = self.training and comm.world_size(self.process_group) > 1
         # A synced forward that runs inside a backward pass is an activation checkpoint's recompute:
-        # it reuses what the original forward computed (functional.ForwardRecords), so the step is
+        # it reuses what the original forward computed (_recompute.ForwardRecords), so the step is
         # counted once.
         recomputing = synced and not is_compiling() and in_backward()
         # Momentum bookkeeping as in BatchNorm: num_batches_tracked counts training steps, and with
@@ -133,7 +138,7 @@ class SyncBatchNorm(_BatchNorm):
         return sync_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, True, average_factor,
             self.eps, self.process_group, num_features=self.num_features,
-            records=self._records(),
+            records=self._records(), identity=self.__dict__.get("_identity"),
         )
 
     def _records(self) -> Optional[ForwardRecords]:

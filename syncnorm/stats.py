@@ -85,10 +85,11 @@ def pack_stats(count: float, mean: Tensor, var: Tensor) -> Tensor:
     return torch.cat((mean.new_full((1,), count), mean, var))
 
 
-def invalid_packet(channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A packet of the right size whose count marks this rank's input as invalid."""
-    zeros = torch.zeros(channels, dtype=dtype, device=device)
-    return pack_stats(INVALID_COUNT, zeros, zeros)
+def pack_synced(count: float, mean: Tensor, var: Tensor, tail: Tensor) -> Tensor:
+    """A synced layer's gather packet ``[mean..., var..., count, tail...]``: the count sits with the
+    layer-identity tail (``_identity.py``) so that one small read shows both, and the packet is as long
+    as the layer's backward sum ``[sum_dy..., invstd * sum_dy_xmu..., invalid, tail...]``."""
+    return torch.cat((mean, var, mean.new_full((1,), count), tail))
 
 
 def unpack_stats(gathered: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -114,25 +115,29 @@ def combine_stats(counts: Tensor, means: Tensor, vars: Tensor) -> Tuple[Tensor, 
     return global_mean, global_var
 
 
-def combine_gathered(gathered: Tensor, counts: List[float]) -> Tuple[Tensor, Tensor]:
-    """``combine_stats`` of a ``(world, 1 + 2C)`` gather whose counts are already in Python.
+def unpack_synced(gathered: Tensor, channels: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Counts ``(world,)``, means and variances ``(world, C)`` of a gather of ``pack_synced`` packets."""
+    return gathered[:, 2 * channels], gathered[:, :channels], gathered[:, channels : 2 * channels]
+
+
+def combine_gathered(gathered: Tensor, counts: List[float], channels: int) -> Tuple[Tensor, Tensor]:
+    """``combine_stats`` of a gather of ``pack_synced`` packets whose counts are already in Python.
 
     Two ranks (the common CPU case) take Chan's pairwise form, three small element-wise ops instead of
     ``combine_stats``' ten: on tiny per-channel vectors every op costs microseconds of dispatch, and
     reductions over the rank dimension cost the most. ``sum(counts)`` must be more than zero.
     """
     if len(counts) != 2:
-        return combine_stats(*unpack_stats(gathered))
-    channels = (gathered.size(1) - 1) // 2
+        return combine_stats(*unpack_synced(gathered, channels))
     total = counts[0] + counts[1]
     weight_a, weight_b = counts[0] / total, counts[1] / total
-    sizes = [1, channels, channels]
+    sizes = [channels, channels, gathered.size(1) - 2 * channels]
     row_a, row_b = gathered.unbind(0)
-    # Ops over whole packets (count slots ignored), views cut with one split each (narrow and slicing
+    # Ops over whole packets (count and tail slots ignored), views cut with one split each (narrow and slicing
     # cost more per call): lerp with weight n_b / n is the count-weighted average, i.e. the global
     # mean and the within-rank part of the variance.
-    _, global_mean, global_var = row_a.lerp(row_b, weight_b).split_with_sizes(sizes)
-    _, delta, _ = row_b.sub(row_a).split_with_sizes(sizes)
+    global_mean, global_var, _ = row_a.lerp(row_b, weight_b).split_with_sizes(sizes)
+    delta, _, _ = row_b.sub(row_a).split_with_sizes(sizes)
     # Between-rank part: n_a n_b / n^2 * (mean_b - mean_a)^2, a difference of means, no cancellation.
     global_var.addcmul_(delta, delta, value=weight_a * weight_b)
     return global_mean, global_var

@@ -10,7 +10,7 @@ from syncnorm._compat import COMPILE_MIN_TORCH, TORCH_VERSION
 # current torch and are not among them.
 CORE_TEST_FILES = {
     "test_core.py", "test_stats.py", "test_errors.py", "test_autograd_ddp.py", "test_convert.py",
-    "test_compile.py", "test_gpu.py", "test_precise.py", "test_join.py", "test_checkpointing.py",
+    "test_compile.py", "test_gpu.py", "test_precise.py", "test_join.py", "test_checkpointing.py", "test_divergence.py",
 }
 
 

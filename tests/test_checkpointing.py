@@ -234,7 +234,53 @@ def test_a_recompute_that_sees_another_input_raises_instead_of_using_stale_stati
         run_ranks(_recompute_sees_other_input, 2, use_reentrant, timeout=TIMEOUT, pg_timeout=30.0)
     ):
         assert "ValueError: SyncBatchNorm expected a recomputed forward" in message, (rank, message)
+        assert "(got another input on 2 rank(s), this rank included)" in message, (rank, message)
         assert steps == 1, (rank, steps)
+
+
+class SharedOnTwo(nn.Module):
+    """One synced layer applied to two inputs inside one checkpointed region."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.BatchNorm1d(3)
+        self.use_reentrant = None  # None: no checkpointing
+
+    def body(self, u, w):
+        return self.shared(u) * 1.5 + self.shared(w).pow(2)  # not symmetric in u and w
+
+    def forward(self, u, w):
+        if self.use_reentrant is None:
+            return self.body(u, w)
+        return checkpoint(self.body, u, w, use_reentrant=self.use_reentrant)
+
+
+def _collision_case(rank, world_size):
+    """Per mode: output, input and parameter gradients, buffers. On rank 0 the two inputs are equal bit
+    for bit (so are the two calls' local statistics), on the other ranks not: the two forwards have
+    the same local statistics on rank 0 and different global ones."""
+    results = {}
+    for name, use_reentrant in MODES.items():
+        torch.manual_seed(0)
+        model = syncnorm.convert_sync_batchnorm(SharedOnTwo().double())
+        model.use_reentrant = use_reentrant
+        generator = torch.Generator().manual_seed(rank)
+        u = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+        w = u.clone() if rank == 0 else torch.randn(4, 3, generator=generator, dtype=torch.float64) * 3 + 1
+        u.requires_grad_(), w.requires_grad_()
+        y = model(u, w)
+        (y * torch.linspace(-1, 2, 12, dtype=torch.float64).view(4, 3)).sum().backward()
+        results[name] = [y.detach(), u.grad, w.grad, model.shared.weight.grad, model.shared.bias.grad,
+                         *_state(model).values()]
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_shared_layer_whose_two_calls_have_equal_local_statistics_recomputes_each_exactly(world_size):
+    for rank, results in enumerate(run_ranks(_collision_case, world_size, timeout=TIMEOUT, pg_timeout=30.0)):
+        for name in ("reentrant", "non-reentrant"):
+            for index, (got, want) in enumerate(zip(results[name], results["plain"])):
+                assert torch.equal(got, want), (rank, name, index, (got - want).abs().max())
 
 
 # Gradient accumulation: per optimizer step, micro-batches of these per-rank sizes.

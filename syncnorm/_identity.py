@@ -1,0 +1,143 @@
+"""Which synced layer a collective belongs to, carried in the packets the layers already send.
+
+Every synced call's statistics gather and backward sum end in a 7-value tail that names the layer and
+the phase: ``[1, d0, d1, d2, d0^2, d1^2, d2^2]`` with ``d`` the three base-64 digits of
+``2 * key + phase`` (phase 0: forward, 1: backward). A gather shows every rank's tail; a sum shows
+``p = sum(1)``, ``sum(d)`` and ``sum(d^2)``, and ``p * sum(d^2) == sum(d)^2`` holds for every digit
+exactly when all ranks that took part sent the same digits (Cauchy-Schwarz), in exact small integers
+(float32 is exact up to ``2^24``: 4096 ranks of ``63^2``). A rank that takes no part (``syncnorm.join``'s
+stand-in replays a sum as zeros) adds nothing and keeps the check valid.
+
+``key``: from the layer's qualified name when ``convert_sync_batchnorm`` builds or meets it (the same on
+every rank that converts the same model), else its construction order in the process.
+"""
+
+import itertools
+import zlib
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from syncnorm._compat import is_compiling
+
+DIGITS, BASE = 3, 64
+TAIL = 1 + 2 * DIGITS
+CHECK_MAX_WORLD = 4096  # sums of 63^2 stay exact in float32 up to this many ranks
+_ORDER_KEYS = 4096  # keys below: construction order; at and above: qualified names
+_KEYS = BASE ** DIGITS // 2
+_NAMES: Dict[int, str] = {0: "a sync_batch_norm call outside a SyncBatchNorm layer"}
+_BUILT = itertools.count(1)
+
+
+class LayerIdentity:
+    """A synced layer's key, its description for error messages, and its cached packet tails."""
+
+    __slots__ = ("key", "name", "_tails")
+
+    def __init__(self, key: int, name: str) -> None:
+        self.key, self.name, self._tails = key, name, {}
+        _NAMES[key] = name
+
+    def __reduce__(self):
+        # Copies and pickles keep the key and drop the cached tensors.
+        return (LayerIdentity, (self.key, self.name))
+
+    @classmethod
+    def built(cls, class_name: str, num_features: int) -> "LayerIdentity":
+        number = next(_BUILT)
+        return cls(number % _ORDER_KEYS, f"{class_name}({num_features}) number {number} in construction order")
+
+    @classmethod
+    def named(cls, path: str) -> "LayerIdentity":
+        key = _ORDER_KEYS + zlib.crc32(path.encode()) % (_KEYS - _ORDER_KEYS)
+        return cls(key, f"'{path}'")
+
+    def values(self, phase: int) -> List[int]:
+        digits = [(2 * self.key + phase) // BASE ** i % BASE for i in range(DIGITS)]
+        return [1] + digits + [d * d for d in digits]
+
+    def tail(self, like: Tensor, phase: int, invalid: bool = False) -> Tensor:
+        """The forward tail (phase 0), or the backward one (phase 1) led by the invalid-recompute slot,
+        in ``like``'s dtype and device. Eager calls reuse one cached tensor (no copy to the device after
+        the first); compiled graphs hold it as a constant."""
+        values = ([1 if invalid else 0] if phase else []) + self.values(phase)
+        if is_compiling():
+            return like.new_tensor(values)
+        index = (like.dtype, like.device, phase, invalid)
+        cached = self._tails.get(index)
+        if cached is None:
+            cached = self._tails[index] = like.new_tensor(values)
+        return cached
+
+
+FUNCTIONAL = LayerIdentity(0, _NAMES[0])
+
+
+def describe(code: int) -> str:
+    key, phase = divmod(code, 2)
+    name = _NAMES.get(key, f"a layer this process does not know (key {key})")
+    return f"{name} ({'backward' if phase else 'forward'})"
+
+
+def decode(values: List[float]) -> Optional[int]:
+    """The ``2 * key + phase`` of one rank's tail from a gather; None if it is no tail (another collective)."""
+    one, digits, squares = values[0], values[1 : 1 + DIGITS], values[1 + DIGITS :]
+    if one != 1 or any(d != int(d) or not 0 <= d < BASE or d * d != s for d, s in zip(digits, squares)):
+        return None
+    return sum(int(d) * BASE ** i for i, d in enumerate(digits))
+
+
+def gather_mismatch(tails: List[List[float]], mine: LayerIdentity, ranks: List[int]) -> Optional[str]:
+    """Why the gathered tails are not all this layer's forward (as an error message), or None."""
+    expected = mine.values(0)
+    if all(tail == expected for tail in tails):
+        return None
+    seen = []
+    for rank, tail in zip(ranks, tails):
+        code = decode(tail)
+        seen.append(f"rank {rank}: " + (describe(code) if code is not None else "another kind of collective"))
+    return _message(describe(2 * mine.key), "; ".join(seen))
+
+
+def sum_mismatch(sums: List[float], mine: LayerIdentity, world: int) -> Optional[str]:
+    """Why a backward sum's tail shows other layers than this one, or None; ``sums`` is the summed tail."""
+    if world > CHECK_MAX_WORLD:
+        return None
+    p, totals, squares = sums[0], sums[1 : 1 + DIGITS], sums[1 + DIGITS :]
+    if all(p * s == t * t for t, s in zip(totals, squares)) and p <= world:
+        return None
+    mine_digits = mine.values(1)[1 : 1 + DIGITS]
+    others = "other layers or phases"
+    if p == 2:  # one other rank: its digits are the sum minus ours
+        code = sum(int(t - d) * BASE ** i for i, (t, d) in enumerate(zip(totals, mine_digits)))
+        others = describe(code) if 0 <= code < 2 * _KEYS else "another kind of collective"
+    return _message(describe(2 * mine.key + 1), f"the other rank(s): {others}")
+
+
+def _message(this: str, others: str) -> str:
+    return (
+        f"SyncBatchNorm: the ranks reached different synced layers in the same collective (this rank: "
+        f"{this}; {others}). Every rank must call the same synced layers in the same order, none "
+        "skipped; see docs/semantics.md, 'When ranks diverge'"
+    )
+
+
+def device_check_forward(gathered_tails: Tensor, mine: Tensor) -> None:
+    """On-device assert that every rank's gathered tail is this layer's forward tail."""
+    torch._assert_async((gathered_tails == mine).all(), _DEVICE_MESSAGE)
+
+
+def device_check_sum(summed_tail: Tensor, world: int) -> None:
+    """On-device assert that a backward sum's tail comes from one layer on every rank that took part."""
+    if world > CHECK_MAX_WORLD:
+        return
+    t = summed_tail.double()
+    p, totals, squares = t[0], t[1 : 1 + DIGITS], t[1 + DIGITS :]
+    torch._assert_async((p * squares == totals * totals).all(), _DEVICE_MESSAGE)
+
+
+_DEVICE_MESSAGE = (
+    "SyncBatchNorm: the ranks reached different synced layers in the same collective (a rank called "
+    "other layers, in another order, or skipped one); see docs/semantics.md, 'When ranks diverge'"
+)
