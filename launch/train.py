@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml
     python launch/train.py --config configs/lenet.yaml --set output_dir=runs/lenet_1p
     torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml --resume auto
+    srun -N2 -n2 python launch/train.py --config configs/lenet.yaml   # SLURM: ranks from srun, no torchrun
 
 The machinery lives in ``syncnorm.train`` (this file runs ``syncnorm.train.cli.train_main``): user
 errors are one line + exit 2, failures of a started run (non-finite loss, a crashed or stuck rank)
