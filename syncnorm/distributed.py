@@ -142,9 +142,10 @@ def node_address(name: str, env: Mapping[str, str]) -> str:
         return name
     except (OSError, UnicodeError):
         pass
-    if shutil.which("scontrol"):
+    scontrol = shutil.which("scontrol", path=env.get("PATH"))
+    if scontrol:
         try:
-            shown = subprocess.run(["scontrol", "-o", "show", "node", name], capture_output=True, text=True,
+            shown = subprocess.run([scontrol, "-o", "show", "node", name], capture_output=True, text=True,
                                    timeout=30, env=dict(env)).stdout
         except (OSError, subprocess.SubprocessError):
             shown = ""

@@ -92,7 +92,7 @@ def test_tasks_without_srun_are_one_line_with_exit_status_2(monkeypatch, capsys)
     with pytest.raises(LaunchEnvironmentError, match="'nosuchnode.invalid' hosts rank 0's store, but its name "
                                                      "does not resolve here.*set MASTER_ADDR"):
         check_launch_environment({**SRUN_TASK, "SLURM_STEP_NODELIST": "nosuchnode.invalid,n2",
-                                  "PATH": "/nonexistent"})
+                                  "PATH": "/nonexistent"})  # no scontrol to ask
     for name, value in BATCH_SCRIPT.items():
         monkeypatch.setenv(name, value)
     assert load_launcher().main(["--config", "configs/lenet.yaml"]) == 2
