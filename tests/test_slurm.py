@@ -184,6 +184,13 @@ def _assert_same_run(run_dir, reference, report):
 
 
 @pytest.mark.engines
+def test_expand_hostlist_agrees_with_scontrol(cluster):
+    for text in ("node[01-03,7],gpu1", "r[1-2]c[08-10]", "a,b[9-11],c"):
+        shown = cluster.run(["scontrol", "show", "hostnames", text], timeout=30)
+        assert launchers.expand_hostlist(text) == shown.stdout.split(), shown.stderr
+
+
+@pytest.mark.engines
 def test_launcher_under_srun_one_node_equals_torchrun(cluster, torchrun_reference, tmp_path):
     done, report = _srun(cluster, ["-N1", "-n2", *TRAIN, "--set", f"output_dir={tmp_path}/run"])
     assert done.returncode == 0, report
