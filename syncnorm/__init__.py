@@ -1,6 +1,6 @@
 """syncnorm: an exact SyncBatchNorm for PyTorch that runs on every backend (gloo/CPU included)."""
 
-from syncnorm import functional
+from syncnorm import distributed, functional
 from syncnorm.convert import convert_sync_batchnorm, register_conversion, revert_sync_batchnorm
 from syncnorm.functional import SyncBatchNormFunction, sync_batch_norm
 from syncnorm.join import join
@@ -13,6 +13,7 @@ __all__ = [
     "SyncBatchNorm",
     "SyncBatchNormFunction",
     "convert_sync_batchnorm",
+    "distributed",
     "functional",
     "join",
     "register_conversion",
