@@ -11,11 +11,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from syncnorm import comm
+from syncnorm import _registry, comm
 from syncnorm._identity import LayerIdentity
 from syncnorm._registry import (  # noqa: F401 - BatchNormNd, register_conversion and _register_default live on here
-    _CONVERSIONS, _REGISTER_HELP, BatchNormNd, _conversion_for, _load_integrations, _register_default,
-    register_conversion,
+    _REGISTER_HELP, BatchNormNd, _conversion_for, _load_integrations, _register_default, register_conversion,
 )
 from syncnorm.module import SyncBatchNorm
 
@@ -60,7 +59,7 @@ def _revert_class(layer: nn.Module) -> Tuple[Optional[type], Optional[str]]:
         if type(layer).forward is SyncBatchNorm.forward:
             return BatchNormNd, None
         # Built directly rather than converted: the class it is registered as the synced form of.
-        for source, conversion in _CONVERSIONS.items():
+        for source, conversion in _registry._CONVERSIONS.items():
             if conversion.synced is type(layer):
                 return conversion.revert_to or source, None
         return None, (

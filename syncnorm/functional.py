@@ -65,6 +65,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         local = stats.pack_synced(count, mean, var, identity.tail(mean, 0))
         host_reads = host_reads_allowed(input)
         ctx.process_group, ctx.eps, ctx.identity = process_group, eps, identity
+        ctx.route = comm.current_route()  # for a backward on autograd's device thread (CUDA): see comm
         if records is not None and in_backward():
             # A checkpoint's recompute: the original forward already synced and updated the running
             # statistics; reuse its results so that the output and what is saved for backward are
@@ -124,7 +125,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         nothing = (None,) * 9
         if isinstance(ctx.total, int) and ctx.total == 0:  # known on the host: no sums to send
             if ctx.checked:  # but a recompute's validity still goes round, so that every rank raises
-                _check_sum(comm.sum_across_ranks(tail.clone(), ctx.process_group), tail, ctx)
+                _check_sum(comm.sum_across_ranks(tail.clone(), ctx.process_group, ctx.route), tail, ctx)
             zeros = None if weight is None else torch.zeros_like(weight)
             return (
                 torch.zeros_like(input) if need_input_grad else None,
@@ -140,7 +141,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # Every rank knows whether its input needs a gradient (the model is the same on all of
             # them), so the collective is skipped consistently, e.g. for a first layer fed data.
             sums = torch.cat([sum_dy, grad_weight_local, tail])
-            finish_sum = comm.start_sum_across_ranks(sums, ctx.process_group)
+            finish_sum = comm.start_sum_across_ranks(sums, ctx.process_group, ctx.route)
             # Everything that needs no other rank's data runs while the sums are in flight.
             scales = stats.input_grad_scales(input, var, ctx.eps, weight, ctx.total)
             global_sums = finish_sum()
@@ -150,7 +151,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 grad_output, input, mean, var, ctx.eps, scales, global_sums[: 2 * channels]
             )
         elif ctx.checked:
-            _check_sum(comm.sum_across_ranks(tail.clone(), ctx.process_group), tail, ctx)
+            _check_sum(comm.sum_across_ranks(tail.clone(), ctx.process_group, ctx.route), tail, ctx)
         # Weight and bias gradients stay local on purpose: DistributedDataParallel averages parameter
         # gradients across ranks, so reducing them here as well would count them twice.
         if need_weight_grad:
