@@ -114,6 +114,9 @@ class ForwardRecords:
         self._untied = collections.deque(maxlen=self.UNTIED_LIMIT)
         self._added = 0
         self._cursor: Tuple[int, dict] = (-1, {})  # (graph task, id(region) -> calls recomputed so far)
+        # comm.current_route() of the latest forward: a recompute that autograd runs on its device
+        # thread (CUDA) sees no route of its own, and its backward must go where the forward's went.
+        self.route = None
 
     def __reduce__(self):
         # A copied or pickled layer starts with no records: they belong to this process's graphs.
@@ -124,10 +127,11 @@ class ForwardRecords:
         """Whether a synced forward that runs now could be recomputed by a checkpoint."""
         return not torch.is_grad_enabled() or _saved_tensor_hooks_active()
 
-    def add(self, owner, local: Tensor, mean, var, total, region) -> None:
+    def add(self, owner, local: Tensor, mean, var, total, region, route=None) -> None:
         """Keep a forward's results; ``owner`` is its autograd context, or None without gradients;
-        ``region`` its ``checkpoint_region()``."""
+        ``region`` its ``checkpoint_region()``; ``route`` its ``comm.current_route()``."""
         self._added += 1
+        self.route = route
         record = Record(self._added, local, mean, var, total, region)
         if owner is None:
             self._untied.append(record)

@@ -72,6 +72,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # the same bits as the first time, with no collective. Whether it saw the original input
             # travels in the backward sum: every rank raises there, not this one alone.
             ctx.checked = True
+            ctx.route = ctx.route or records.route
             record, valid = records.find(local, host_reads)
             return _replay(ctx, input, weight, bias, record, valid, (count, mean, var))
         region = None if records is None else checkpoint_region()
@@ -88,7 +89,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             heads = gathered[:, 2 * channels :].tolist()
             counts = [head[0] for head in heads]
             _raise_if_any_rank_invalid(counts, process_group)
-            problem = gather_mismatch([head[1:] for head in heads], identity, comm.group_ranks(process_group))
+            problem = gather_mismatch([head[1:] for head in heads], identity, lambda: comm.group_ranks(process_group))
             if problem is not None:
                 raise ValueError(problem)
             total = int(sum(counts))
@@ -100,7 +101,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 ctx.total = 0
                 ctx.save_for_backward(input, weight, None, None, tail)
                 if records is not None:
-                    records.add(ctx if keep_on_node else None, local, None, None, 0, region)
+                    records.add(ctx if keep_on_node else None, local, None, None, 0, region, ctx.route)
                 return torch.empty_like(input)
             global_mean, global_var = stats.combine_gathered(gathered, counts, channels)
         else:
@@ -112,7 +113,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.total = total
         stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
         if records is not None:
-            records.add(ctx if keep_on_node else None, local, global_mean, global_var, total, region)
+            records.add(ctx if keep_on_node else None, local, global_mean, global_var, total, region, ctx.route)
         # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
         ctx.save_for_backward(input, weight, global_mean, global_var, tail)
         return stats.normalize(input, global_mean, global_var, weight, bias, eps)

@@ -330,11 +330,26 @@ def test_routing_is_per_thread():
     assert all(torch.equal(result[2][0], torch.full((5,), 2.0, dtype=torch.float64)) for result in results)
 
 
-def _backward_in_thread_rank(rank, world, epochs):
+class _Checkpointed(nn.Module):
+    """``net`` with all but its first layer under reentrant activation checkpointing: their forward
+    reruns in backward, and the backward of the rerun is the one that runs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.net[1:], self.net[0](x), use_reentrant=True)
+
+
+def _backward_in_thread_rank(rank, world, epochs, checkpointed=False):
     """The two-rank case with each backward run by another thread, as autograd runs the backward of CUDA
-    tensors on its device threads: the backward sums follow their forward's route all the same."""
+    tensors on its device threads: the backward sums follow their forward's route all the same, those
+    of a checkpoint's recompute (which runs on that thread) included."""
     net = _net(syncnorm.SyncBatchNorm)
-    model = DistributedDataParallel(net, **_NO_BUFFER_SYNC)
+    model = DistributedDataParallel(_Checkpointed(net) if checkpointed else net, **_NO_BUFFER_SYNC)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     outputs = []
     with syncnorm.join(model):
@@ -349,11 +364,12 @@ def _backward_in_thread_rank(rank, world, epochs):
     return outputs, _state(net)
 
 
-def test_backward_on_another_thread_follows_its_forward():
-    # Needs the Function to keep its forward's route (ctx.route = comm.current_route()) and pass it to
-    # every collective of its backward (route=ctx.route); without it the sums miss the side group and
-    # the ranks time out.
-    results = run_ranks(_backward_in_thread_rank, 2, TWO_RANKS, timeout=120, pg_timeout=20)
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_backward_on_another_thread_follows_its_forward(checkpointed):
+    # Needs the Function to keep its forward's route (ctx.route = comm.current_route(); a recompute the
+    # route its layer's forward kept) and pass it to every collective of its backward (route=ctx.route);
+    # without it the sums miss the side group and the ranks time out.
+    results = run_ranks(_backward_in_thread_rank, 2, TWO_RANKS, checkpointed, timeout=120, pg_timeout=20)
     _check(results, _reference(TWO_RANKS, 2))
 
 
