@@ -14,7 +14,7 @@ every rank that converts the same model), else its construction order in the pro
 
 import itertools
 import zlib
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -54,8 +54,11 @@ class LayerIdentity:
         return cls(key, f"'{path}'")
 
     def values(self, phase: int) -> List[int]:
-        digits = [(2 * self.key + phase) // BASE ** i % BASE for i in range(DIGITS)]
-        return [1] + digits + [d * d for d in digits]
+        cached = self._tails.get(phase)
+        if cached is None:
+            digits = [(2 * self.key + phase) // BASE ** i % BASE for i in range(DIGITS)]
+            cached = self._tails[phase] = [1] + digits + [d * d for d in digits]
+        return cached
 
     def tail(self, like: Tensor, phase: int, invalid: bool = False) -> Tensor:
         """The forward tail (phase 0), or the backward one (phase 1) led by the invalid-recompute slot,
@@ -88,13 +91,14 @@ def decode(values: List[float]) -> Optional[int]:
     return sum(int(d) * BASE ** i for i, d in enumerate(digits))
 
 
-def gather_mismatch(tails: List[List[float]], mine: LayerIdentity, ranks: List[int]) -> Optional[str]:
-    """Why the gathered tails are not all this layer's forward (as an error message), or None."""
+def gather_mismatch(tails: List[List[float]], mine: LayerIdentity, ranks: Callable[[], List[int]]) -> Optional[str]:
+    """Why the gathered tails are not all this layer's forward (as an error message), or None;
+    ``ranks()`` gives the group's global ranks (called only for the message)."""
     expected = mine.values(0)
     if all(tail == expected for tail in tails):
         return None
     seen = []
-    for rank, tail in zip(ranks, tails):
+    for rank, tail in zip(ranks(), tails):
         code = decode(tail)
         seen.append(f"rank {rank}: " + (describe(code) if code is not None else "another kind of collective"))
     return _message(describe(2 * mine.key), "; ".join(seen))
