@@ -458,6 +458,22 @@ def test_compiled_function_inside_the_model_is_one_clear_error():
     assert text.count("expected synced layers that run eagerly") == 2
 
 
+def test_routes_are_one_per_thread_and_end_with_their_context():
+    from syncnorm import comm
+
+    with comm.routed({}) as route:
+        assert comm.current_route() is route and route.active
+        with pytest.raises(RuntimeError, match="one comm.routed context per thread"):
+            with comm.routed({}):
+                pass
+        seen = []
+        helper = threading.Thread(target=lambda: seen.append(comm.current_route()))
+        helper.start()
+        helper.join()
+        assert seen == [None]
+    assert comm.current_route() is None and not route.active  # a late backward is not routed
+
+
 def test_one_process_is_plain():
     net = _net(syncnorm.SyncBatchNorm)
     reference = _net(nn.BatchNorm1d)
