@@ -8,11 +8,12 @@ per channel and in float64 (``stats.combine_stats``, Chan's pairwise form), and 
 combination in the same order gives every rank the same bits.
 
 Collectives: one ``all_gather`` of the packet length and one of the packet (``1 + 2C`` float64 per
-layer) at the end, among the ranks of ``process_group``; over the default group one ``all_gather`` of
-one float at the start (does any rank's forward communicate?) and, if one does (synced layers, FSDP),
-one ``all_gather`` of ``3 + 8`` float64 per forward, which says which ranks still have a batch and the
-input shape a rank that ran out copies for its stand-in forward (an empty batch, run once by every rank
-together the first time one is needed).
+layer) at the end, among the ranks of ``process_group``; when the model communicates in its forward
+(synced layers, FSDP), also one ``all_gather`` of ``3 + 8`` float64 per forward of the default group,
+which says which ranks still have a batch and the input shape a rank that ran out copies for its
+stand-in forward (an empty batch, run once by every rank together the first time one is needed), and
+where a synced layer's group leaves out some rank, one of one float at the start (does any rank's
+forward communicate?).
 
 This stand-in runs the whole model, unlike ``syncnorm.join``'s replay of recorded layer calls: it has
 to join collectives that syncnorm does not issue (FSDP's parameter all-gathers), and a rank here may have
@@ -76,19 +77,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _communicates_in_forward(model: nn.Module) -> bool:
+def _communicates_in_forward(model: nn.Module, comm_device: torch.device) -> bool:
     """Whether a training-mode forward of ``model`` runs collectives (synced layers, FSDP all-gathers),
-    so that every rank must run the same number of forwards."""
+    so that every rank must run the same number of forwards. The same answer on every rank: where a
+    synced layer's group leaves out some rank, whose forward then does not communicate while the
+    members' does (and they wait for it in the per-forward exchange), all ranks decide together."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without FSDP2
         FSDPModule = ()
-    for module in model.modules():
-        if FSDPModule and isinstance(module, FSDPModule):
-            return True
-        if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)) and comm.world_size(module.process_group) > 1:
-            return True
-    return False
+    synced = [module for module in model.modules() if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm))]
+    mine = any(FSDPModule and isinstance(module, FSDPModule) for module in model.modules()) or any(
+        comm.world_size(layer.process_group) > 1 for layer in synced)
+    if all(comm.world_size(layer.process_group) == comm.world_size() for layer in synced):
+        return mine  # every rank is in every group: every rank has this answer
+    return bool(comm.all_gather(torch.tensor([float(mine)], device=comm_device)).any())
 
 
 def _first_input(batch: Any) -> Any:
@@ -237,10 +240,7 @@ def update_bn_stats(
 def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], device, comm_device: torch.device,
               progress, total: Optional[int]) -> None:
     """This rank's forwards; with collectives in the forward, stand-in forwards until all ranks are done."""
-    # Decided together: a rank outside the layers' group does not communicate in its forward, but the
-    # ranks inside wait for it in the per-forward exchange.
-    lockstep = comm.world_size() > 1 and bool(comm.all_gather(
-        torch.tensor([float(_communicates_in_forward(net))], device=comm_device)).any())
+    lockstep = comm.world_size() > 1 and _communicates_in_forward(net, comm_device)
     iterator = iter(batches)
     done = 0
     probed = False
