@@ -283,6 +283,29 @@ def test_a_shared_layer_whose_two_calls_have_equal_local_statistics_recomputes_e
                 assert torch.equal(got, want), (rank, name, index, (got - want).abs().max())
 
 
+def _collision_without_regions(rank, world_size, path):
+    # A recompute mechanism whose regions syncnorm cannot see: records are matched by their bits alone,
+    # and on rank 0 two of them match with different global results. That must fail on every rank.
+    from syncnorm import _recompute
+
+    _recompute.checkpoint_region = lambda: None
+    syncnorm.functional._HOST_READS = path == "host"  # "device": the CUDA/compile path, run on CPU
+    try:
+        _collision_case(rank, world_size)
+    except (ValueError, RuntimeError) as error:  # the device path asserts (RuntimeError on CPU)
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_an_ambiguous_recompute_that_cannot_be_decided_raises_on_every_rank(path):
+    results = run_ranks(_collision_without_regions, 2, path, timeout=TIMEOUT, pg_timeout=30.0)
+    for rank, message in enumerate(results):
+        assert "SyncBatchNorm expected a recomputed forward" in message, (rank, message)
+        if path == "host":
+            assert ("this rank included" if rank == 0 else "not this rank") in message, (rank, message)
+
+
 # Gradient accumulation: per optimizer step, micro-batches of these per-rank sizes.
 MICRO_SIZES = [[[3, 2], [0, 4]], [[4, 1], [3, 3]]]  # rank 0 empty in one micro-batch
 
