@@ -2,8 +2,10 @@
 
 What goes over the wire per SyncBatchNorm layer and training step:
 
-* forward: one ``all_gather`` of ``1 + 2C`` floats per rank (count, mean, variance);
-* backward: one sum of ``2C`` floats (``sum_dy``, ``invstd * sum_dy_xmu``) across ranks, an
+* forward: one ``all_gather`` of ``2C + 8`` floats per rank (mean, variance, count, and the layer
+  identity tail of ``_identity.py``);
+* backward: one sum of ``2C + 8`` floats (``sum_dy``, ``invstd * sum_dy_xmu``, an invalid flag, the
+  identity tail) across ranks, an
   all_gather + local sum on CPU for up to ``GATHER_SUM_MAX_WORLD`` ranks, an all_reduce otherwise;
 * once per layer, before its first synced forward: one ``all_gather`` of the channel count, so that
   ranks that built different models get an error naming the counts instead of a crash inside gloo.

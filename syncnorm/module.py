@@ -27,8 +27,9 @@ class SyncBatchNorm(_BatchNorm):
     :class:`torch.nn.SyncBatchNorm` it runs on CPU tensors with the gloo backend as well as on CUDA
     with NCCL, and ``DistributedDataParallel`` accepts it on CPU.
 
-    Each synced training step sends one ``all_gather`` (count, mean, variance: ``1 + 2C`` floats per
-    rank) in forward and one sum of ``2C`` floats in backward; the first synced forward of a layer also
+    Each synced training step sends one ``all_gather`` (mean, variance, count and the layer's identity:
+    ``2C + 8`` floats per rank) in forward and one sum of ``2C + 8`` floats in backward, each checked for
+    ranks that called another layer (docs/semantics.md); the first synced forward of a layer also
     checks that all ranks agree on ``num_features``. It syncs only in training mode and only when a
     process group with more than one rank exists; otherwise it computes exactly what ``BatchNorm``
     computes locally. Every rank of the group must run every synced forward and backward.
