@@ -33,6 +33,28 @@ def pytest_collection_modifyitems(config, items):
                        f"(this is {torch.__version__}); the eager path is tested"))
 
 
+# What torchrun sets, and what the launcher derives from SLURM's variables: a test that leaves one of these in
+# os.environ makes every later in-process run wait for ranks that never come.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_launch_environment():
+    """Fail the test that leaves torchrun's variables changed in this process (and restore them), instead of
+    a later test hanging in the rendezvous."""
+    before = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+    yield
+    after = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+    if after != before:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        changed = ", ".join(f"{name}={after[name]}" for name in LAUNCH_VARIABLES if after[name] != before[name])
+        pytest.fail(f"the test left launcher variables changed in os.environ ({changed}): restore them")
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """In-process work with one torch thread: on a shared 2-core machine, 2 threads that compete with

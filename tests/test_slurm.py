@@ -28,6 +28,7 @@ import torch
 
 import netns
 import slurm_cluster
+from conftest import LAUNCH_VARIABLES
 from slurm_cluster import Cluster, SimNode
 from syncnorm import distributed as launchers
 from syncnorm.train.preflight import LaunchEnvironmentError, check_launch_environment
@@ -100,20 +101,25 @@ def test_tasks_without_srun_are_one_line_with_exit_status_2(monkeypatch, capsys)
     assert err.count("\n") == 1 and err.startswith("error: SLURM job 4321 has 2 tasks") and "srun python" in err
 
 
-def test_check_launch_environment_writes_slurm_ranks_as_torchrun_variables(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+@pytest.fixture
+def own_launch_environment(monkeypatch):
+    """The launcher variables absent, and put back as they were afterwards: the code under test writes them
+    into os.environ itself (monkeypatch.delenv of an absent name would not remove them again)."""
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.setenv(name, "")  # recorded, so undone at teardown
+        monkeypatch.delenv(name)
+
+
+def test_check_launch_environment_writes_slurm_ranks_as_torchrun_variables(monkeypatch, own_launch_environment):
     for name, value in SRUN_TASK.items():
         monkeypatch.setenv(name, value)
     check_launch_environment()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("1", "2", "19321")
 
 
-def test_init_from_env_under_a_one_task_step(monkeypatch):
+def test_init_from_env_under_a_one_task_step(monkeypatch, own_launch_environment):
     import torch.distributed as dist
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
     assert launchers.init_from_env() is False and not dist.is_initialized()  # no launcher: nothing to do
     one = {**SRUN_TASK, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_NODEID": "0",
            "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "1", "MASTER_PORT": str(free_port())}
