@@ -9,9 +9,7 @@ batch sharding), so each rank records the sample indices it trained on and the r
 """
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import traceback
 from datetime import timedelta
@@ -24,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
 import syncnorm
+from trainkit import free_port, run_in_session
 
 STEPS = 3
 BATCH = 4  # per rank and step
@@ -167,28 +166,13 @@ SCRIPTS = {"lightning": run_lightning_trainer, "fabric": run_fabric, "accelerate
 # ---- the tests
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(command, tmp_path, env_extra=None):
     """Run ``command`` in its own session; kill the whole session at the deadline; return its output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PYTHONUNBUFFERED="1", **(env_extra or {}))
     if "lo" in [name for _, name in socket.if_nameindex()]:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{command[-2]} run did not finish in {DEADLINE:.0f} s; its output:\n{output[-4000:]}")
-    assert process.returncode == 0, f"{command[-2]} run exited with {process.returncode}:\n{output[-6000:]}"
-    return output
+    return run_in_session(command, tmp_path, env, DEADLINE, f"{command[-2]} run")
 
 
 def _reference(seen_by_rank):
@@ -246,7 +230,7 @@ def test_fabric_recipe_equals_one_process_on_the_global_batch(lightning_runs):
 def test_accelerate_recipe_equals_one_process_on_the_global_batch(tmp_path):
     pytest.importorskip("accelerate", reason="the accelerate test needs pip install -e '.[dev]'")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    launcher = [torchrun, "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
+    launcher = [torchrun, "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
     out = _run_script("accelerate", tmp_path, launcher=launcher)
     _check_against_reference([torch.load(out / f"rank{rank}.pt") for rank in range(2)], reverted=False)
 

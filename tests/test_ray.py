@@ -14,8 +14,6 @@ go to a temporary directory removed afterwards; nothing is written to /tmp/ray o
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import syncnorm
+from trainkit import run_in_session
 from test_integrations import bn_classes, make_model  # the same float64 model; Ray's workers import it too
 
 pytestmark = pytest.mark.engines
@@ -120,17 +119,11 @@ def ray_run(tmp_path_factory):
     # No usage report sent home; more than Ray's 60 s for starting the workers on a loaded machine.
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
                RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="180")
-    process = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out), ray_dir], cwd=out, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        output, _ = process.communicate(timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the Ray Train run did not finish in {DEADLINE:.0f} s; its output:\n{output[-6000:]}")
+        run_in_session([sys.executable, os.path.abspath(__file__), str(out), ray_dir], out, env, DEADLINE,
+                       "the Ray Train run")
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
-    assert process.returncode == 0, f"the Ray Train run exited with {process.returncode}:\n{output[-6000:]}"
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORKERS)], torch.load(out / "result.pt")
 
 

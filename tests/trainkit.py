@@ -1,8 +1,14 @@
-"""What the training-launcher tests share: paths, a silent reporter, the launcher module, a free port."""
+"""What the training-launcher tests share: paths, a silent reporter, the launcher module, a free port, a
+subprocess run with a deadline."""
 
 import importlib.util
 import os
+import signal
 import socket
+import subprocess
+from typing import Mapping, Sequence
+
+import pytest
 
 from syncnorm.train.ui import Reporter
 
@@ -26,3 +32,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_in_session(command: Sequence[str], cwd, env: Mapping[str, str], deadline: float, what: str) -> str:
+    """Run ``command`` in a session of its own and return its output; at the deadline kill the whole session
+    (the workers it started included) and fail with the output, as also when it exits with an error."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{what} did not finish in {deadline:.0f} s; its output:\n{output[-6000:]}")
+    assert process.returncode == 0, f"{what} exited with {process.returncode}:\n{output[-6000:]}"
+    return output
