@@ -5,7 +5,7 @@ step; deciding *whether* to sync (eval mode, one rank, no process group) is the 
 and ``sync_batch_norm`` makes that decision for functional users.
 """
 
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         identity = FUNCTIONAL if identity is None else identity
         count, mean, var = stats.local_stats(input)
-        local = stats.pack_synced(count, mean, var, identity.tail(mean, 0))
+        local = None if records is None else stats.pack_synced(count, mean, var, identity.tail(mean, 0))
         host_reads = host_reads_allowed(input)
         ctx.process_group, ctx.eps, ctx.identity = process_group, eps, identity
         ctx.route = comm.current_route()  # for a backward on autograd's device thread (CUDA): see comm
@@ -78,42 +78,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         region = None if records is None else checkpoint_region()
         # Only a forward that a checkpoint can recompute checks the recompute, even with no input gradient.
         ctx.checked = region is not None
-        channels = mean.numel()
-        # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
-        # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
-        gathered = comm.all_gather(local, process_group)
-        tail = identity.tail(mean, 1)
-        if host_reads:
-            # The counts and layer identities as Python numbers (one small copy): the checks and
-            # weights cost no ops.
-            heads = gathered[:, 2 * channels :].tolist()
-            counts = [head[0] for head in heads]
-            _raise_if_any_rank_invalid(counts, process_group)
-            problem = gather_mismatch([head[1:] for head in heads], identity, lambda: comm.group_ranks(process_group))
-            if problem is not None:
-                raise ValueError(problem)
-            total = int(sum(counts))
-            if total == 1:
-                raise ValueError(_one_value_message(f"got input size {list(input.shape)} on this rank, "))
-            if total == 0:
-                # Every rank's batch is empty: nothing to normalize, and the running statistics stay
-                # as they are (as in BatchNorm). Every rank knows this, so backward sends no sums.
-                ctx.total = 0
-                ctx.save_for_backward(input, weight, None, None, tail)
-                if records is not None:
-                    records.add(ctx if keep_on_node else None, local, None, None, 0, region, ctx.route)
-                return torch.empty_like(input)
-            global_mean, global_var = stats.combine_gathered(gathered, counts, channels)
-        else:
-            counts, means, vars = stats.unpack_synced(gathered, channels)
-            total = counts.sum()
-            _assert_counts_on_device(counts, total)
-            device_check_forward(gathered[:, 2 * channels + 1 :], identity.tail(mean, 0))
-            global_mean, global_var = stats.combine_stats(counts, means, vars)
+        total, global_mean, global_var = gather_global_stats(
+            count, mean, var, process_group, identity, host_reads, input.shape
+        )
         ctx.total = total
-        stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
+        tail = identity.tail(mean, 1)
         if records is not None:
             records.add(ctx if keep_on_node else None, local, global_mean, global_var, total, region, ctx.route)
+        if global_mean is None:
+            # Every rank's batch is empty: nothing to normalize, and the running statistics stay as
+            # they are (as in BatchNorm). Every rank knows this, so backward sends no sums.
+            ctx.save_for_backward(input, weight, None, None, tail)
+            return torch.empty_like(input)
+        stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
         # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
         ctx.save_for_backward(input, weight, global_mean, global_var, tail)
         return stats.normalize(input, global_mean, global_var, weight, bias, eps)
@@ -126,7 +103,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         nothing = (None,) * 9
         if isinstance(ctx.total, int) and ctx.total == 0:  # known on the host: no sums to send
             if ctx.checked:  # but a recompute's validity still goes round, so that every rank raises
-                _check_sum(comm.sum_across_ranks(tail.clone(), ctx.process_group, ctx.route), tail, ctx)
+                _check_tail_only(tail, ctx)
             zeros = None if weight is None else torch.zeros_like(weight)
             return (
                 torch.zeros_like(input) if need_input_grad else None,
@@ -141,18 +118,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_input_grad:
             # Every rank knows whether its input needs a gradient (the model is the same on all of
             # them), so the collective is skipped consistently, e.g. for a first layer fed data.
-            sums = torch.cat([sum_dy, grad_weight_local, tail])
-            finish_sum = comm.start_sum_across_ranks(sums, ctx.process_group, ctx.route)
+            finish_sums = start_global_grad_sums(
+                sum_dy, grad_weight_local, ctx.identity, ctx.process_group, ctx.route, tail
+            )
             # Everything that needs no other rank's data runs while the sums are in flight.
             scales = stats.input_grad_scales(input, var, ctx.eps, weight, ctx.total)
-            global_sums = finish_sum()
-            channels = sum_dy.numel()
-            _check_sum(global_sums[2 * channels :], tail, ctx)
             grad_input = stats.input_grad_from_sums(
-                grad_output, input, mean, var, ctx.eps, scales, global_sums[: 2 * channels]
+                grad_output, input, mean, var, ctx.eps, scales, finish_sums()
             )
         elif ctx.checked:
-            _check_sum(comm.sum_across_ranks(tail.clone(), ctx.process_group, ctx.route), tail, ctx)
+            _check_tail_only(tail, ctx)
         # Weight and bias gradients stay local on purpose: DistributedDataParallel averages parameter
         # gradients across ranks, so reducing them here as well would count them twice.
         if need_weight_grad:
@@ -160,6 +135,65 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_bias_grad:
             grad_bias = stats.as_dtype(sum_dy, weight.dtype if weight is not None else grad_output.dtype)
         return (grad_input, grad_weight, grad_bias) + nothing
+
+
+def gather_global_stats(
+    count: int, mean: Tensor, var: Tensor, process_group: comm.ProcessGroup, identity: LayerIdentity,
+    host_reads: bool, shape: Sequence[int],
+) -> Tuple[stats.Scalar, Optional[Tensor], Optional[Tensor]]:
+    """The global ``(total, mean, biased variance)`` from this rank's per-channel ``(count, mean, var)``:
+    one all_gather, checked on every rank. All ranks of ``process_group`` must call it.
+
+    Raises ``ValueError`` on every rank (``host_reads``; else on-device asserts) when a rank flagged an
+    invalid input, when the ranks reached different synced layers (``identity``), or when the global
+    batch has one value per channel (``shape``: this rank's input shape, for the message). With
+    ``host_reads`` the total is a Python int, and when it is 0 the mean and variance are None.
+    """
+    channels = mean.numel()
+    # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
+    # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
+    gathered = comm.all_gather(stats.pack_synced(count, mean, var, identity.tail(mean, 0)), process_group)
+    if not host_reads:
+        counts, means, vars = stats.unpack_synced(gathered, channels)
+        total = counts.sum()
+        _assert_counts_on_device(counts, total)
+        device_check_forward(gathered[:, 2 * channels + 1 :], identity.tail(mean, 0))
+        return (total,) + stats.combine_stats(counts, means, vars)
+    # The counts and layer identities as Python numbers (one small copy): the checks and weights cost no ops.
+    heads = gathered[:, 2 * channels :].tolist()
+    counts = [head[0] for head in heads]
+    _raise_if_any_rank_invalid(counts, process_group)
+    problem = gather_mismatch([head[1:] for head in heads], identity, lambda: comm.group_ranks(process_group))
+    if problem is not None:
+        raise ValueError(problem)
+    total = int(sum(counts))
+    if total == 1:
+        raise ValueError(_one_value_message(f"got input size {list(shape)} on this rank, "))
+    if total == 0:
+        return 0, None, None
+    return (total,) + stats.combine_gathered(gathered, counts, channels)
+
+
+def start_global_grad_sums(
+    sum_dy: Tensor, sum_dy_xmu: Tensor, identity: LayerIdentity, process_group: comm.ProcessGroup,
+    route: Optional[comm.Route] = None, tail: Optional[Tensor] = None,
+) -> Callable[[], Tensor]:
+    """Start the all-rank sum of the per-channel ``sum_dy`` and ``sum_dy_xmu`` (any per-channel pair of
+    the same length and dtype) and return a function that waits for it and returns ``[sum_dy...,
+    sum_dy_xmu...]`` summed over ranks, after checking on every rank that all of them sent ``identity``'s
+    backward. Exactly one collective; all ranks must call it. ``route``: the forward's
+    ``comm.current_route()``; ``tail``: the saved backward tail (default: ``identity``'s)."""
+    if tail is None:
+        tail = identity.tail(sum_dy, 1)
+    finish = comm.start_sum_across_ranks(torch.cat([sum_dy, sum_dy_xmu, tail]), process_group, route)
+    channels = sum_dy.numel()
+
+    def finish_and_check() -> Tensor:
+        summed = finish()
+        _check_sum(summed[2 * channels :], tail, identity, process_group)
+        return summed[: 2 * channels]
+
+    return finish_and_check
 
 
 def _replay(ctx, input, weight, bias, record, valid, local_stats) -> Tensor:
@@ -182,16 +216,22 @@ def _replay(ctx, input, weight, bias, record, valid, local_stats) -> Tensor:
     return stats.normalize(input, record.mean, record.var, weight, bias, ctx.eps)
 
 
-def _check_sum(summed: Tensor, mine: Tensor, ctx) -> None:
+def _check_tail_only(tail: Tensor, ctx) -> None:
+    """A backward that sends no gradient sums still sends its tail, for the recompute check."""
+    summed = comm.sum_across_ranks(tail.clone(), ctx.process_group, ctx.route)
+    _check_sum(summed, tail, ctx.identity, ctx.process_group)
+
+
+def _check_sum(summed: Tensor, mine: Tensor, identity: LayerIdentity, process_group: comm.ProcessGroup) -> None:
     """Raise on every rank (eager CPU) or assert on the device when a backward sum's tail shows other
     layers, or a recompute that saw another input on some rank."""
-    world = comm.world_size(ctx.process_group)
+    world = comm.world_size(process_group)
     if not host_reads_allowed(summed):
         device_check_sum(summed[1:], world)
         torch._assert_async(summed[0] == 0, _RECOMPUTE_MESSAGE)
         return
     values = summed.tolist()
-    problem = sum_mismatch(values[1:], ctx.identity, world)
+    problem = sum_mismatch(values[1:], identity, world)
     if problem is not None:
         raise ValueError(problem)
     if values[0] != 0:
