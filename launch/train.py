@@ -1,6 +1,8 @@
-"""Train a small CNN with synced BatchNorm under DDP, from a YAML config.
+"""Train a CNN with synced BatchNorm under DDP, from a YAML config: LeNet on built-in digits, or any
+torchvision or timm model on your image folder.
 
     torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml
+    torchrun --nproc_per_node=2 launch/train.py --config configs/resnet18_imagefolder.yaml --set data.root=DIR
     python launch/train.py --config configs/lenet.yaml --set output_dir=runs/lenet_1p
     torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml --resume auto
     srun -N2 -n2 python launch/train.py --config configs/lenet.yaml   # SLURM: ranks from srun, no torchrun

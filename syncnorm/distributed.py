@@ -12,6 +12,9 @@ part of the job's nodes, and task 0 is on the step's first node), at a port deri
 ``MASTER_ADDR`` / ``MASTER_PORT``, when set, win. torchrun's variables win over SLURM's (``srun torchrun``
 in a batch script keeps working). :func:`torchrun_environment` turns SLURM's variables into torchrun's,
 so code written for torchrun (``os.environ["LOCAL_RANK"]``) runs unchanged.
+
+:func:`sync_groups` builds the process groups of consecutive ranks (e.g. one per node) that synced
+layers can sync within instead of across all ranks.
 """
 
 import os
@@ -26,7 +29,8 @@ from typing import Dict, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["LaunchEnvironmentError", "expand_hostlist", "init_from_env", "slurm_port", "torchrun_environment"]
+__all__ = ["LaunchEnvironmentError", "expand_hostlist", "init_from_env", "slurm_port", "sync_groups",
+           "torchrun_environment"]
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # Slurm's step ids above this are not srun task steps: batch (0xfffffffb), extern, interactive (salloc).
@@ -194,3 +198,57 @@ def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = 
     kwargs = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(backend, init_method="env://", **kwargs)
     return True
+
+
+def sync_groups(group_size: int):
+    """The process group of this rank's ``group_size`` consecutive ranks, for synced layers that should
+    sync within a node (or any block of ranks) instead of across all of them.
+
+    Ranks ``0 .. k-1`` form the first group, ``k .. 2k-1`` the second, and so on (``k = group_size``):
+    under torchrun or ``srun`` with ``k`` ranks per node, one group per node. BatchNorm statistics are
+    then pooled over the ``k`` ranks' batches and each group keeps its own running statistics; DDP still
+    averages gradients over all ranks. SwAV's authors found groups of 8 GPUs trained as well as one
+    global group, and faster. The groups' running statistics differ, so turn DDP's per-forward buffer
+    broadcast off for such a model (``broadcast_buffers=False``; ``forward_sync_buffers`` from torch 2.14).
+
+    All ranks must call this, in the same order, once (``torch.distributed.new_group`` creates every
+    group on every rank). Pass the result as ``process_group`` to :func:`syncnorm.convert_sync_batchnorm`
+    or :class:`syncnorm.SyncBatchNorm`.
+
+    Args:
+        group_size: ranks per group, ``>= 1``, dividing the world size.
+
+    Returns:
+        This rank's group; the default group (``torch.distributed.group.WORLD``) when ``group_size``
+        equals the world size; ``None`` (which synced layers treat as "all ranks", here one) when
+        ``torch.distributed`` is not initialized, so one-process code needs no branch.
+
+    Raises:
+        ValueError: ``group_size`` is not an integer ``>= 1`` or does not divide the world size.
+
+    Example::
+
+        >>> group = syncnorm.distributed.sync_groups(8)       # 32 ranks: ranks 0-7, 8-15, 16-23, 24-31
+        >>> model = syncnorm.convert_sync_batchnorm(model, process_group=group)
+        >>> model = DistributedDataParallel(model, device_ids=[local_rank])
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"sync_groups: expected group_size to be an integer >= 1 (got {group_size!r})")
+    if not (dist.is_available() and dist.is_initialized()):
+        if group_size != 1:
+            raise ValueError(f"sync_groups: expected group_size=1 without a process group, as there is one "
+                             f"process (got {group_size}); initialize torch.distributed first")
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % group_size:
+        divisors = [k for k in range(1, world + 1) if world % k == 0]
+        raise ValueError(f"sync_groups: expected group_size to divide the world size {world} (got {group_size}); "
+                         f"use one of {', '.join(map(str, divisors))}")
+    if group_size == world:
+        return dist.group.WORLD
+    mine = None
+    for start in range(0, world, group_size):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(start, start + group_size)))
+        if start <= rank < start + group_size:
+            mine = group
+    return mine

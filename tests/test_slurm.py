@@ -177,7 +177,8 @@ def _srun(cluster, argv, **kwargs):
 
 def _metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as rows:
-        return [{k: v for k, v in json.loads(row).items() if k not in ("samples_per_s", "seconds")} for row in rows]
+        return [{k: v for k, v in json.loads(row).items() if k not in ("samples_per_s", "seconds", "data_wait")}
+                for row in rows]
 
 
 def _assert_same_run(run_dir, reference, report):

@@ -223,11 +223,13 @@ def test_world_larger_than_the_data_fails_on_every_rank_without_hanging(tmp_path
 
 def test_norm_and_init_registries():
     expected = {"syncbn": syncnorm.SyncBatchNorm, "bn": nn.BatchNorm2d, "gn": nn.GroupNorm, "ln": nn.GroupNorm,
-                "in": nn.InstanceNorm2d, "none": None}
+                "in": nn.InstanceNorm2d, "none": None, "syncbn_act": _SYNC_BN_ACT}
     assert set(NORM_NAMES) == set(expected)
     x = torch.randn(4, 1, 28, 28)
     for norm in NORM_NAMES:
-        model = build_model("lenet", norm=norm)
+        if norm == "syncbn_act" and _SYNC_BN_ACT is None:
+            continue
+        model = build_model("lenet", norm=norm, act="leaky_relu" if norm == "syncbn_act" else "relu")
         layer = model[1]
         assert (isinstance(layer, nn.Identity) if expected[norm] is None else isinstance(layer, expected[norm]))
         assert model(x).shape == (4, 10)
@@ -245,6 +247,37 @@ def test_norm_and_init_registries():
     resnet = build_model("resnet18", norm="syncbn", in_shape=(3, 32, 32))
     assert resnet.conv1.stride == (1, 1) and isinstance(resnet.maxpool, nn.Identity)
     assert sum(isinstance(m, syncnorm.SyncBatchNorm) for m in resnet.modules()) == 20
+
+
+_SYNC_BN_ACT = getattr(syncnorm, "SyncBatchNormAct", None)
+_needs_act = pytest.mark.skipif(_SYNC_BN_ACT is None, reason="syncnorm.SyncBatchNormAct (syncnorm/act.py) not here")
+
+
+@_needs_act
+def test_syncbn_act_fuses_lenets_leaky_relu_pairs_and_asks_for_them():
+    model = build_model("lenet", norm="syncbn_act", act="leaky_relu")
+    assert sum(isinstance(m, _SYNC_BN_ACT) for m in model.modules()) == 4
+    assert [type(m) for m in syncnorm.revert_sync_batchnorm(model)][1:3] == [nn.BatchNorm2d, nn.LeakyReLU]
+    with pytest.raises(ValueError, match="expected model.name=lenet with model.act=leaky_relu"):
+        build_model("lenet", norm="syncbn_act")
+
+
+@pytest.mark.slow
+@_needs_act
+def test_two_rank_syncbn_act_equals_one_rank_double_batch(tmp_path):
+    """model.norm=syncbn_act (LeNet's BN + LeakyReLU pairs as syncnorm.SyncBatchNormAct) through the real loop:
+    2 ranks x 16 == 1 process x 32, float64."""
+    def config(out, batch_size):
+        cfg = _equivalence_config(out, "syncbn_act", batch_size)
+        cfg["model"]["act"] = "leaky_relu"
+        return cfg
+
+    (state, metrics), = run_ranks(_train_ranks, 2, [config(str(tmp_path / "two"), 16)], timeout=240)[0]
+    reference = train(from_dict(config(str(tmp_path / "one"), 32)), reporter=QUIET)
+    for key, expected in _state(reference).items():
+        torch.testing.assert_close(state[key], expected, rtol=1e-10, atol=1e-12, msg=key)
+    for row, ref in zip(metrics, reference.metrics):
+        assert row["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-10) and row["samples"] == ref["samples"]
 
 
 def test_resnet18_config_trains_through_the_loop(tmp_path):

@@ -75,6 +75,7 @@ def _metrics(run_dir):
     for row in rows:  # timing is not part of the result
         row.pop("samples_per_s")
         row.pop("seconds")
+        row.pop("data_wait", None)
     return rows
 
 

@@ -28,9 +28,12 @@ from syncnorm.train.ui import Reporter, error_line
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch/train.py",
-        description="Train a small CNN with synced BatchNorm under DDP (run it with torchrun or srun, or as one process).",
+        description="Train a CNN (LeNet, any torchvision or timm model) with synced BatchNorm under DDP, on "
+                    "built-in digits or your image folder (run it with torchrun or srun, or as one process).",
         epilog="examples:\n"
                "  torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml\n"
+               "  torchrun --nproc_per_node=2 launch/train.py --config configs/resnet18_imagefolder.yaml "
+               "--set data.root=DIR\n"
                "  python launch/train.py --config configs/lenet.yaml --set output_dir=runs/lenet_1p\n"
                "  torchrun --nproc_per_node=2 launch/train.py --config configs/lenet.yaml --resume auto\n"
                "  srun -N2 -n2 python launch/train.py --config configs/lenet.yaml   (SLURM, no torchrun)\n"

@@ -25,18 +25,21 @@ import yaml
 from syncnorm.train.data import DATASET_NAMES
 from syncnorm.train.errors import ConfigError
 from syncnorm.train.inits import INIT_NAMES
-from syncnorm.train.models import ACTIVATION_NAMES, MODEL_NAMES
+from syncnorm.train.models import ACTIVATION_NAMES, MODEL_NAMES, model_name_problem
 from syncnorm.train.norms import NORM_NAMES
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "DistConfig", "ModelConfig", "TrainConfig",
+    "Config", "ConfigError", "DataConfig", "DistConfig", "ModelConfig", "SyncConfig", "TrainConfig",
     "apply_overrides", "from_dict", "load_config", "to_dict",
 ]
 
 
-def _opt(default, *, ge=None, gt=None, le=None, lt=None, choices=None, length=None, doc=""):
-    """A dataclass field with validation rules in its metadata."""
-    rules = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "length": length, "doc": doc}
+def _opt(default, *, ge=None, gt=None, le=None, lt=None, choices=None, length=None, check=None, kind=None, doc=""):
+    """A dataclass field with validation rules in its metadata. ``check(value)`` returns what is wrong
+    with a value of the right type (``expected ... (got ...)``), or None; ``kind`` describes the values
+    in the key table."""
+    rules = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "length": length, "check": check,
+             "kind": kind, "doc": doc}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=rules)
     return field(default=default, metadata=rules)
@@ -44,24 +47,38 @@ def _opt(default, *, ge=None, gt=None, le=None, lt=None, choices=None, length=No
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _opt("lenet", choices=MODEL_NAMES, doc="network architecture")
+    name: str = _opt("lenet", check=model_name_problem, kind=f"{' | '.join(MODEL_NAMES)} | a torchvision "
+                     f"classification model | timm:NAME",
+                     doc="network: the launcher's lenet or resnet18 (CIFAR stem), any torchvision classification "
+                         "model by name (torchvision:NAME also), or timm:NAME (needs timm); num_classes from the "
+                         "data, no pretrained weights downloaded")
     norm: str = _opt("syncbn", choices=NORM_NAMES, doc="normalization layer (syncbn: synced over ranks)")
     init: str = _opt("default", choices=INIT_NAMES, doc="weight init of conv/linear layers; biases zero")
-    act: str = _opt("relu", choices=ACTIVATION_NAMES, doc="activation (d2l's LeNet uses sigmoid)")
+    act: str = _opt("relu", choices=ACTIVATION_NAMES, doc="activation (d2l's LeNet uses sigmoid; model.norm=syncbn_act "
+                                                         "takes leaky_relu)")
     checkpoint_activations: bool = _opt(False, doc="recompute each block's activations in backward instead of "
                                                    "keeping them (torch.utils.checkpoint, non-reentrant); the "
                                                    "same results, less memory, more compute")
+    weights: Optional[str] = _opt(None, doc="a local state_dict file (or a launcher checkpoint) loaded into the "
+                                            "model after it is built; a classifier whose shape differs "
+                                            "(another num_classes) keeps its fresh init; null: none")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     name: str = _opt("mnist5k", choices=DATASET_NAMES, doc="dataset; mnist5k and synthetic work offline")
-    root: str = _opt("data", doc="directory of torchvision datasets")
+    root: str = _opt("data", doc="directory of the torchvision datasets, or imagefolder's folder")
     download: bool = _opt(False, doc="let torchvision download missing files (needs internet)")
-    test_fraction: float = _opt(0.2, gt=0.0, lt=1.0, doc="mnist5k: share of each class held out for test")
+    test_fraction: float = _opt(0.2, gt=0.0, lt=1.0, doc="mnist5k, and imagefolder without train/ and val/: "
+                                                         "share of each class held out for test")
+    image_size: int = _opt(224, ge=8, doc="imagefolder: side of the square crops the model sees")
+    min_crop_scale: float = _opt(0.08, gt=0.0, le=1.0, doc="imagefolder: smallest image area share of a "
+                                                          "training crop (random-resized-crop scale)")
+    hflip: bool = _opt(True, doc="imagefolder: random horizontal flips in training")
     synthetic_samples: int = _opt(4096, ge=1, doc="synthetic: training samples (test gets a fifth)")
     synthetic_shape: Tuple[int, ...] = _opt((1, 28, 28), ge=1, length=3, doc="synthetic: [C, H, W]")
-    num_workers: int = _opt(0, ge=0, doc="DataLoader worker processes per rank")
+    num_workers: int = _opt(0, ge=0, doc="DataLoader worker processes per rank (imagefolder decodes and "
+                                         "augments there)")
     shard: str = _opt("pad", choices=("pad", "uneven"),
                       doc="training-set split: pad (DistributedSampler repeats samples so that every rank "
                           "has as many batches) or uneven (every sample once, ranks may have different "
@@ -93,6 +110,21 @@ class TrainConfig:
     precise_bn_batches: int = _opt(0, ge=0, doc="before each evaluation, recompute BatchNorm statistics exactly "
                                                 "over this many training batches per rank "
                                                 "(syncnorm.update_bn_stats); 0: off")
+    amp: str = _opt("off", choices=("off", "bf16", "fp16"),
+                    doc="mixed precision: forward under torch.autocast in bfloat16 (CPU or CUDA) or float16 "
+                        "(CUDA, with a GradScaler); synced layers keep float32 statistics")
+    channels_last: bool = _opt(False, doc="model and 4-d inputs in channels_last memory format")
+    grad_accum: int = _opt(1, ge=1, doc="micro-batches of train.batch_size per optimizer step (DDP's no_sync "
+                                        "until the last); each micro-batch syncs its own BatchNorm statistics")
+    clip_grad: Optional[float] = _opt(None, gt=0.0, doc="clip the gradients' total 2-norm to this before "
+                                                        "each step (null: no clipping)")
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    group_size: int = _opt(0, ge=0, doc="sync BatchNorm within consecutive groups of this many ranks "
+                                        "(syncnorm.distributed.sync_groups; e.g. the ranks of one node); it "
+                                        "must divide the world size; 0: all ranks")
 
 
 @dataclass(frozen=True)
@@ -108,6 +140,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     output_dir: str = _opt("runs/lenet", doc="run directory: config.yaml, metrics.jsonl, checkpoints")
 
 
@@ -180,6 +213,9 @@ def _coerce(value, tp, rules, path):
         if rules.get("choices"):
             expected = f"one of {', '.join(rules['choices'])}"
         raise _Invalid(path, f"expected {expected} (got {_got(value)})")
+    problem = rules["check"](value) if rules.get("check") else None
+    if problem:
+        raise _Invalid(path, problem)
     if rules.get("choices") and value not in rules["choices"]:
         close = difflib.get_close_matches(str(value), rules["choices"], n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
@@ -319,7 +355,7 @@ def load_config(path: Optional[str], overrides: Iterable[str] = ()) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (model, data, train, dist, "
-                          f"output_dir) at the top level (got {_got(data)})")
+                          f"sync, output_dir) at the top level (got {_got(data)})")
     merged, origins = apply_overrides(data, overrides)
     try:
         return _build(Config, merged, "")
@@ -344,7 +380,9 @@ def describe_keys() -> List[Tuple[str, str, Any, str]]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rules = f.metadata
             kind = _describe(hints[f.name])
-            if rules.get("choices"):
+            if rules.get("kind"):
+                kind = rules["kind"]
+            elif rules.get("choices"):
                 kind = " | ".join(rules["choices"])
             elif _range_text(rules):
                 kind = f"{kind} {_range_text(rules)}"

@@ -15,6 +15,23 @@ class DataError(ConfigError):
     """A dataset cannot be built (files missing offline, download failed, too small for the world)."""
 
 
+class UnreadableImageError(DataError):
+    """An image file of ``data.name=imagefolder`` cannot be decoded; the message names the file.
+
+    Raised by whichever rank (or ``DataLoader`` worker) reads it, so every rank says its own."""
+
+    every_rank = True
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's exception comes back to the rank rebuilt from its traceback's text
+        # ("Caught UnreadableImageError in DataLoader worker process 0. Original Traceback ..."): keep
+        # the one line it was raised with, the traceback's last.
+        if "Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
 class CheckpointError(ConfigError):
     """A checkpoint cannot be used (missing, corrupt, unsafe, or saved from a different model)."""
 

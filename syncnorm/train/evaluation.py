@@ -4,12 +4,12 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 from syncnorm.train import checkpoint as ckpt
-from syncnorm.train.build import DTYPES
+from syncnorm.train.build import DTYPES, datasets_of, network_of
 from syncnorm.train.config import apply_overrides, from_dict
-from syncnorm.train.data import build_datasets, make_loaders
+from syncnorm.train.data import make_loaders
 from syncnorm.train.distributed import one_process
 from syncnorm.train.loop import evaluate
-from syncnorm.train.models import build_model, to_plain
+from syncnorm.train.models import to_plain
 from syncnorm.train.ui import Reporter
 
 
@@ -28,12 +28,8 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = (), reporter: Opti
     merged, _ = apply_overrides(state["config"], overrides)
     cfg = from_dict(merged, source=f"{path} config")
     dtype = DTYPES[cfg.train.dtype]
-    data = build_datasets(cfg.data.name, root=cfg.data.root, download=cfg.data.download,
-                          test_fraction=cfg.data.test_fraction, synthetic_samples=cfg.data.synthetic_samples,
-                          synthetic_shape=cfg.data.synthetic_shape, seed=cfg.train.seed)
-    model = build_model(cfg.model.name, norm=cfg.model.norm, init="default", act=cfg.model.act,
-                        in_shape=data.shape, num_classes=data.num_classes)
-    model = to_plain(model).to(dtype=dtype)  # SyncBatchNorm -> BatchNorm: a one-process model
+    data = datasets_of(cfg, cfg.data.download)
+    model = to_plain(network_of(cfg, data)).to(dtype=dtype)  # SyncBatchNorm -> BatchNorm: a one-process model
     ckpt.check_model_state(model, state["model"], path)
     model.load_state_dict(state["model"])
     _, _, test_loader = make_loaders(data, batch_size=1, eval_batch_size=cfg.train.eval_batch_size, rank=0,

@@ -31,12 +31,14 @@ from syncnorm._compat import destroy_process_group
 from syncnorm.precise import update_bn_stats
 from syncnorm.train import checkpoint as ckpt
 from syncnorm.train import curves, failures, rundir
-from syncnorm.train.build import DTYPES, compile_model, load_data, make_model, make_optimizer, make_scheduler
+from syncnorm.train.build import (DTYPES, compile_model, load_data, make_model, make_optimizer, make_scheduler,
+                                  make_step_settings)
 from syncnorm.train.config import Config, to_dict
 from syncnorm.train.data import make_loaders, uneven_step_samples
 from syncnorm.train.distributed import (DistInfo, broadcast_buffers, expected_rank, seed_everything, setup_distributed,
                                         threads_text, wrap_ddp)
-from syncnorm.train.epoch import LoopState, evaluate, notify, train_one_epoch, training_step
+from syncnorm.train.epoch import (LoopState, StepSettings, evaluate, notify, optimizer_steps, train_one_epoch,
+                                  training_step)
 from syncnorm.train.errors import (CollectiveError, ConfigError, NonFiniteLossError, TrainingError,
                                    UnsupportedOperationError)
 from syncnorm.train.interrupts import during_interrupt, interrupted, interrupts_deferred
@@ -72,15 +74,15 @@ class Run:
     model_without_ddp: nn.Module  # what is saved and evaluated
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    settings: StepSettings  # train.amp, channels_last, grad_accum, clip_grad
     metrics: List[Dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 1
     resumed_from: Optional[str] = None
 
     @property
     def steps(self) -> int:
-        """Training steps per epoch."""
-        n = len(self.loaders[0])
-        return n if self.cfg.train.max_steps is None else min(n, self.cfg.train.max_steps)
+        """Training (optimizer) steps per epoch."""
+        return optimizer_steps(len(self.loaders[0]), self.cfg.train.grad_accum, self.cfg.train.max_steps)
 
 
 def train(cfg: Config, resume: Optional[str] = None, reporter: Optional[Reporter] = None,
@@ -167,14 +169,16 @@ def set_up(cfg: Config, info: DistInfo, reporter: Reporter, state: LoopState) ->
     """Phase 1: seed, data (agreed download), loaders, model, optimizer, scheduler."""
     t = cfg.train
     seed_everything(t.seed)
+    settings = make_step_settings(cfg, info)  # before the data: a combination that cannot work is one line now
     state.phase = "data loading"
     data = load_data(cfg, info)
     loaders = make_loaders(data, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, rank=info.rank,
                            world_size=info.world_size, seed=t.seed, shuffle=t.shuffle, drop_last=t.drop_last,
                            num_workers=cfg.data.num_workers, shard=cfg.data.shard)
-    model = make_model(cfg, data, info)
+    model = make_model(cfg, data, info, reporter.warn)
     optimizer = make_optimizer(cfg, model)
-    return Run(cfg, info, reporter, state, data, loaders, model, model, optimizer, make_scheduler(cfg, optimizer))
+    return Run(cfg, info, reporter, state, data, loaders, model, model, optimizer, make_scheduler(cfg, optimizer),
+               settings)
 
 
 def start(run: Run) -> None:
@@ -194,8 +198,10 @@ def start(run: Run) -> None:
     if info.rank == 0:
         rundir.prepare(cfg.output_dir, to_dict(cfg), run.metrics, run.resumed_from is None, reporter.warn)
     synced = has_sync_batchnorm(run.model_without_ddp) and info.world_size > 1
+    scope = (f" (synced in groups of {cfg.sync.group_size} ranks)"
+             if cfg.sync.group_size and cfg.sync.group_size < info.world_size else " (synced over all ranks)")
     reporter.keys([("model", f"{cfg.model.name} ({count_parameters(run.model_without_ddp):,} params)"),
-                   ("norm", cfg.model.norm + (" (synced over all ranks)" if synced else "")),
+                   ("norm", cfg.model.norm + (scope if synced else "")),
                    ("init", cfg.model.init)])
     reporter.keys([("data", f"{cfg.data.name} ({len(run.data.train):,} train / {len(run.data.test):,} test)"),
                    ("steps/epoch", run.steps), ("dtype", cfg.train.dtype)])
@@ -205,6 +211,9 @@ def start(run: Run) -> None:
                     else f"none (one process) on {info.device.type}"),
                    ("threads/rank", f"{torch.get_num_threads()} ({threads_text(cfg.dist.threads)})"),
                    ("compile", "on (torch.compile)" if cfg.train.compile else "off")])
+    speed = step_settings_text(cfg)
+    if speed:
+        reporter.keys(speed)
     reporter.keys([("run dir", cfg.output_dir)])
     say_if_nothing_syncs(run)
     if run.resumed_from:
@@ -225,10 +234,12 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
         epoch_start = time.perf_counter()
         state.epoch = epoch
         sampler.set_epoch(epoch)
+        if hasattr(run.data.train, "set_epoch"):  # imagefolder: each sample's augmentation seed
+            run.data.train.set_epoch(epoch)
         with run.reporter.epoch_progress(epoch, t.epochs, run.steps) as advance:
             train_stats = train_one_epoch(run.model, train_loader, run.optimizer, info, dtype, t.max_steps,
                                           advance, callbacks, state, nan_policy=t.nan_policy,
-                                          step_samples=_step_samples(run))
+                                          step_samples=_step_samples(run), settings=run.settings)
         if train_stats["skipped_steps"]:
             run.reporter.warn(f"epoch {epoch}: skipped {train_stats['skipped_steps']} step(s) with a non-finite "
                               f"loss (train.nan_policy=skip)")
@@ -244,13 +255,24 @@ def train_epochs(run: Run, callbacks: Sequence = ()) -> None:
                "test_loss": test_stats["test_loss"], "test_acc": test_stats["test_acc"],
                "samples_per_s": train_stats["samples"] / max(train_stats["train_seconds"], 1e-9),
                "seconds": time.perf_counter() - epoch_start, "lr": run.optimizer.param_groups[0]["lr"],
-               "samples": train_stats["samples"], "skipped_steps": train_stats["skipped_steps"]}
+               "samples": train_stats["samples"], "skipped_steps": train_stats["skipped_steps"],
+               "data_wait": train_stats["data_wait"]}
         run.metrics.append(row)
         run.reporter.epoch_row(row)
         with interrupts_deferred():  # the row and the checkpoint are written whole, and state says so
             state.last_checkpoint = _save_epoch(run, epoch, row)
         state.phase = "end of epoch"
         notify(callbacks, "on_epoch_end", state)
+
+
+def step_settings_text(cfg: Config) -> List[tuple]:
+    """The start-up line's pairs for the speed settings that are not their defaults (none by default)."""
+    t = cfg.train
+    pairs = [("amp", t.amp if t.amp != "off" else None),
+             ("channels_last", "on" if t.channels_last else None),
+             ("grad_accum", f"{t.grad_accum} (global batch per step x {t.grad_accum})" if t.grad_accum > 1 else None),
+             ("clip_grad", t.clip_grad)]
+    return [(key, value) for key, value in pairs if value is not None]
 
 
 def _step_samples(run: Run):

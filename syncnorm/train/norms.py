@@ -7,6 +7,8 @@ and never name a normalization class themselves.
 ``syncbn`` builds plain ``nn.BatchNorm1d/2d`` layers; the model builder turns them into
 :class:`syncnorm.SyncBatchNorm` with a single :func:`syncnorm.convert_sync_batchnorm` call on the whole
 model (``NORMS[name].convert`` says whether to). That keeps the conversion walker on the real path.
+``syncbn_act`` does the same with :func:`syncnorm.convert_sync_batchnorm_act`, which also fuses each
+BatchNorm + LeakyReLU pair into one :class:`syncnorm.SyncBatchNormAct` (``NORMS[name].fuse_act``).
 """
 
 from dataclasses import dataclass
@@ -57,10 +59,13 @@ class NormSpec:
     factory: Callable[..., nn.Module]
     convert: bool  # True: call syncnorm.convert_sync_batchnorm on the built model
     summary: str
+    fuse_act: bool = False  # True: syncnorm.convert_sync_batchnorm_act instead (BN + activation -> one layer)
 
 
 NORMS: Dict[str, NormSpec] = {
     "syncbn": NormSpec(_batch_norm, True, "BatchNorm with statistics over all ranks (syncnorm.SyncBatchNorm)"),
+    "syncbn_act": NormSpec(_batch_norm, True, "BatchNorm + LeakyReLU fused into syncnorm.SyncBatchNormAct, synced "
+                                              "over all ranks (lenet with model.act=leaky_relu)", fuse_act=True),
     "bn": NormSpec(_batch_norm, False, "BatchNorm with each rank's own batch statistics (not synced)"),
     "gn": NormSpec(_group_norm, False, "GroupNorm, up to 32 groups of >= 2 channels"),
     "ln": NormSpec(_layer_norm, False, "LayerNorm over (C, H, W) per sample (GroupNorm with one group)"),

@@ -90,25 +90,28 @@ class Reporter:
 
     @contextlib.contextmanager
     def epoch_progress(self, epoch: int, epochs: int, steps: int) -> Iterator:
-        """Context yielding ``advance(loss, samples_per_s)``, to be called once per step."""
+        """Context yielding ``advance(loss, samples_per_s, data_wait=None)``, to be called once per step
+        (``data_wait``: the share of the epoch's time so far spent waiting for batches)."""
         if not self.enabled or not self.console.is_terminal:
-            yield lambda loss, samples_per_s: None
+            yield lambda loss, samples_per_s, data_wait=None: None
             return
         progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} samples/s"),
+            TextColumn("data wait {task.fields[wait]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=self.console, transient=True,
         )
         # Before the first step there is no loss and no rate yet: a dash, not "nan" and "0".
         task = progress.add_task("train", total=steps, **progress_fields(None, None))
         with progress:
-            yield lambda loss, samples_per_s: progress.update(task, advance=1,
-                                                              **progress_fields(loss, samples_per_s))
+            yield lambda loss, samples_per_s, data_wait=None: progress.update(
+                task, advance=1, **progress_fields(loss, samples_per_s, data_wait))
 
     def epoch_row(self, metrics: Dict) -> None:
         """Print one epoch's row (the header too, before the first row)."""
-        self.write_log("  ".join(f"{header} {fmt.format(metrics[key])}" for header, key, _, fmt in COLUMNS))
+        self.write_log("  ".join(f"{header} {fmt.format(metrics[key])}" for header, key, _, fmt in COLUMNS)
+                       + (f"  data wait {metrics['data_wait']:.0%}" if "data_wait" in metrics else ""))
         if not self.enabled:
             return
         table = Table(box=box.SIMPLE_HEAD, show_header=not self._header_done, show_edge=False, pad_edge=False)
@@ -129,10 +132,12 @@ class Reporter:
                 self.console.print(f"[bold]{key}[/bold] {value}", highlight=False, soft_wrap=True)
 
 
-def progress_fields(loss: Optional[float], samples_per_s: Optional[float]) -> Dict[str, str]:
-    """The progress bar's loss and samples/s texts; a dash while there is no value yet."""
+def progress_fields(loss: Optional[float], samples_per_s: Optional[float],
+                    data_wait: Optional[float] = None) -> Dict[str, str]:
+    """The progress bar's loss, samples/s and data-wait texts; a dash while there is no value yet."""
     return {"loss": "-" if loss is None else f"{loss:.4f}",
-            "sps": "-" if not samples_per_s else f"{samples_per_s:,.0f}"}
+            "sps": "-" if not samples_per_s else f"{samples_per_s:,.0f}",
+            "wait": "-" if data_wait is None else f"{data_wait:.0%}"}
 
 
 def default_console() -> Console:
