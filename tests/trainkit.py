@@ -47,3 +47,29 @@ def run_in_session(command: Sequence[str], cwd, env: Mapping[str, str], deadline
         pytest.fail(f"{what} did not finish in {deadline:.0f} s; its output:\n{output[-6000:]}")
     assert process.returncode == 0, f"{what} exited with {process.returncode}:\n{output[-6000:]}"
     return output
+
+
+# The documented run: README's and docs/launcher.md's command (configs/lenet.yaml, 5 epochs, 2 ranks), with the
+# one thread per rank the docs' runs had on their 2-core machine (the default, cores / local ranks, would
+# differ on a machine with more cores, and so would the float32 rows).
+DOCUMENTED_RUN = ["--nproc_per_node=2", "launch/train.py", "--config", "configs/lenet.yaml", "--set", "dist.threads=1"]
+
+
+@pytest.fixture(scope="session")
+def documented_lenet_run(tmp_path_factory):
+    """The documented LeNet run, once per session (torchrun, 2 ranks), then ``launch/eval.py`` of its last
+    checkpoint: {"output": rank 0's console output, "eval": eval.py's output, "metrics": metrics.jsonl's
+    rows, "out": the run directory}."""
+    import json
+    import sys
+
+    out = tmp_path_factory.mktemp("documented") / "lenet"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    command = [torchrun, f"--master_port={free_port()}", *DOCUMENTED_RUN, "--set", f"output_dir={out}"]
+    output = run_in_session(command, ROOT, env, 300, "the documented LeNet run")
+    evaluation = run_in_session([sys.executable, "launch/eval.py", "--checkpoint", str(out / "ckpt_epoch5.pt")],
+                                ROOT, env, 120, "launch/eval.py of the documented run")
+    with open(out / "metrics.jsonl", encoding="utf-8") as f:
+        metrics = [json.loads(line) for line in f]
+    return {"output": output, "eval": evaluation, "metrics": metrics, "out": str(out)}
