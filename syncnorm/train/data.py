@@ -164,13 +164,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 def read_rgb(path: str):
     """The image file ``path`` as an RGB ``PIL.Image``; :class:`UnreadableImageError` (naming the file)
     when it cannot be decoded."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with open(path, "rb") as handle:
             return Image.open(handle).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, UnidentifiedImageError):  # its own text repeats the path
+            detail = "not in an image format PIL can decode"
+        else:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnreadableImageError(f"data.root: cannot read image {path} ({detail}); remove it or replace it "
                                    f"with a valid image") from None
 
