@@ -1,9 +1,18 @@
 import os
 
-import pytest
-import torch
+# Inductor compiles in worker processes it starts in every process that compiles (each rank of each
+# run): on 2 cores only a cost. Set before torch reads it, so the ranks and torchrun's workers inherit it.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-from syncnorm._compat import COMPILE_MIN_TORCH, TORCH_VERSION
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from syncnorm import testing  # noqa: E402
+from syncnorm._compat import COMPILE_MIN_TORCH, TORCH_VERSION  # noqa: E402
+
+# run_ranks forks each rank from a server process started on its first call: there these are imported
+# (and the compiler's per-process keys computed) once for the session, not again in every rank.
+testing._CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "syncnorm", "rank_preload"])
 
 # The library's own tests: what `.ci/run` also runs on the oldest torch that pyproject.toml admits
 # (docs/compatibility.md). The launcher's and the integrations' tests need the `dev` extras on a
@@ -11,6 +20,7 @@ from syncnorm._compat import COMPILE_MIN_TORCH, TORCH_VERSION
 CORE_TEST_FILES = {
     "test_core.py", "test_stats.py", "test_errors.py", "test_autograd_ddp.py", "test_convert.py",
     "test_compile.py", "test_gpu.py", "test_precise.py", "test_join.py", "test_checkpointing.py", "test_divergence.py",
+    "test_act.py",
 }
 
 

@@ -102,6 +102,7 @@ def test_fully_shard_equals_batchnorm_on_global_batch():
             assert torch.allclose(grad * len(sizes), ref_grad, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 @needs_fsdp2
 def test_fully_shard_mixed_precision_bf16_params():
     """``MixedPrecisionPolicy(param_dtype=bfloat16)``: FSDP casts the input and the gathered parameters to
@@ -157,6 +158,7 @@ def _mesh_2d(rank, world_size, sizes, precise_batches):
             "dp_ranks": torch.distributed.get_process_group_ranks(dp.get_group())}
 
 
+@pytest.mark.slow
 @needs_fsdp2
 def test_2d_mesh_syncs_over_dp_dimension_only():
     """4 ranks, mesh (dp=2, tp=2): the layers sync over ``mesh["dp"]`` (ranks {0, 2} and {1, 3}), so each

@@ -243,7 +243,7 @@ def _subgroup_on_rank(rank, world_size, counts_sizes, synced):
     return _record(model) | {"calls": calls}
 
 
-@pytest.mark.parametrize("synced", [False, True], ids=["plain", "synced"])
+@pytest.mark.parametrize("synced", [pytest.param(False, marks=pytest.mark.slow), True], ids=["plain", "synced"])
 def test_rank_outside_the_process_group_keeps_its_model(synced):
     sizes = [[4, 3], [2, 6, 3], [5]]
     per_rank = run_ranks(_subgroup_on_rank, 3, sizes, synced, timeout=180, pg_timeout=20)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from syncnorm.testing import run_ranks
@@ -348,6 +349,7 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_to_the_same_metri
     assert [{k: r[k] for k in DETERMINISTIC} for r in rows] == [{k: r[k] for k in DETERMINISTIC} for r in reference]
 
 
+@pytest.mark.slow  # a second torchrun launch; the default run has the in-process failing rank above
 def test_a_stopped_worker_under_torchrun_makes_rank_0_fail_within_the_timeout(tmp_path):
     """The real thing: SIGSTOP rank 1 under torchrun (a stuck process) after epoch 1. Rank 0 must print
     one line naming rank 1 and exit 1 within dist.timeout_s (3 s) plus the 2 s it waits for reports."""
