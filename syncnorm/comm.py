@@ -2,13 +2,16 @@
 
 What goes over the wire per SyncBatchNorm layer and training step:
 
-* forward: one ``all_gather`` of ``2C + 8`` floats per rank (mean, variance, count, and the layer
-  identity tail of ``_identity.py``);
-* backward: one sum of ``2C + 8`` floats (``sum_dy``, ``invstd * sum_dy_xmu``, an invalid flag, the
-  identity tail) across ranks, an
-  all_gather + local sum on CPU for up to ``GATHER_SUM_MAX_WORLD`` ranks, an all_reduce otherwise;
-* once per layer, before its first synced forward: one ``all_gather`` of the channel count, so that
-  ranks that built different models get an error naming the counts instead of a crash inside gloo.
+* forward: one ``all_gather`` of a packet per rank: count, channel count and the layer identity tail of
+  ``_identity.py`` (9 floats), mean and variance (``2C``), zero-padded to the group's packet width;
+* backward: one sum of a packet as wide (identity tail, ``sum_dy``, ``invstd * sum_dy_xmu``) across
+  ranks, an all_gather + local sum on CPU for up to ``GATHER_SUM_MAX_WORLD`` ranks, an all_reduce otherwise;
+* when a layer wider than any before on its group first syncs: one ``all_gather`` of a header at the
+  group's old width (a width request, ``functional._packet_width``).
+
+Every packet of a group has the group's width (the widest layer's ``2C + 9`` floats), so that ranks
+that reached different layers, or built different models, meet in a collective that completes and get
+an error naming the layers or the counts, instead of gloo aborting the process.
 
 Under ``torch.compile`` the same two collectives are issued as functional collectives
 (``torch.distributed._functional_collectives``), which dynamo traces into the graph; eager code uses
@@ -141,6 +144,13 @@ def current_route() -> Optional[Route]:
     return getattr(_ROUTING, "route", None)
 
 
+def follow(route: Optional[Route]) -> Optional[Route]:
+    """Make ``route`` this thread's (None: none) and return the one it had: a checkpoint's recompute that
+    autograd runs on its own thread follows its forward's route (join.py)."""
+    previous, _ROUTING.route = current_route(), route
+    return previous
+
+
 @contextlib.contextmanager
 def routed(side_groups: Dict[int, Any], observer: Optional[Callable[[str, Tensor, Any], None]] = None
            ) -> Iterator[Route]:
@@ -177,15 +187,25 @@ def side_groups(groups: Sequence[Any]) -> Dict[int, Any]:
     return {id(world if group is None else group): made[tuple(group_ranks(group))] for group in groups}
 
 
+def canonical(group: ProcessGroup):
+    """The group syncnorm's collectives for ``group`` go over: the default group for any group of every
+    rank. Two groups of the same ranks are two queues, and ranks that reached their layers in different
+    orders would each wait in another one; over one group they meet, and the identity check reports."""
+    world = dist.group.WORLD
+    if group is None or group is world or dist.get_world_size(group) == dist.get_world_size():
+        return world
+    return group
+
+
 def _route(kind: str, tensor: Tensor, group: ProcessGroup, route: Optional[Route] = None):
-    """``group``, or its side group under a route (``route``, else this thread's)."""
+    """``group``'s canonical group, or its side group under a route (``route``, else this thread's)."""
     if route is None:
         route = getattr(_ROUTING, "route", None)
     if route is None or not route.active:
-        return group
+        return canonical(group)
     side = route.side_groups.get(id(dist.group.WORLD if group is None else group))
     if side is None:
-        return group
+        return canonical(group)
     if route.observer is not None:
         route.observer(kind, tensor, group)
     return side
@@ -265,19 +285,19 @@ def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None,
     return finish_reduce
 
 
-def verify_num_features(num_features: int, device: torch.device, group: ProcessGroup = None) -> None:
-    """Raise on every rank if the ranks of ``group`` disagree on a layer's channel count.
+# Floats per synced packet, per group (weakly held): every packet of a group has this one length, so that
+# ranks at different layers meet in a collective gloo can complete and the identity check can report
+# (gloo aborts the process on packets of different sizes). It grows when a wider layer first syncs:
+# functional._packet_width asks every rank first.
+_WIDTHS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 
-    Called once per layer: a mismatch would otherwise make the statistics all_gather receive packets
-    of different sizes, which gloo answers by aborting the process. All ranks must call this.
-    """
-    if world_size(group) == 1:
-        return
-    mine = torch.tensor([num_features], dtype=torch.int64, device=device)
-    counts = all_gather(mine, group).flatten().tolist()
-    if len(set(counts)) > 1:
-        seen = ", ".join(f"rank {rank}: {count}" for rank, count in zip(group_ranks(group), counts))
-        raise ValueError(
-            f"SyncBatchNorm expected the same num_features on every rank (got {seen}); "
-            "every rank must build the same model"
-        )
+
+def packet_width(group: ProcessGroup, minimum: int) -> int:
+    """The packet width agreed for ``group`` so far (``minimum`` before any)."""
+    return _WIDTHS.get(canonical(group), minimum) if is_distributed() else minimum
+
+
+def set_packet_width(group: ProcessGroup, width: int) -> None:
+    """Record the packet width all ranks of ``group`` agreed on."""
+    if is_distributed():
+        _WIDTHS[canonical(group)] = width

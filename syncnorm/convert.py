@@ -12,7 +12,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from syncnorm import _registry, comm
-from syncnorm._identity import LayerIdentity
+from syncnorm._identity import LayerIdentity, unnumbered
 from syncnorm._registry import (  # noqa: F401 - BatchNormNd, register_conversion and _register_default live on here
     _REGISTER_HELP, BatchNormNd, _conversion_for, _load_integrations, _register_default, register_conversion,
 )
@@ -126,7 +126,9 @@ def _carry(source: _BatchNorm, target: SyncBatchNorm) -> SyncBatchNorm:
 def _synced_only_attributes(synced_class: type) -> frozenset:
     """Instance attributes a fresh ``synced_class`` layer has and a plain BatchNorm lacks."""
     plain = vars(BatchNormNd(1, device="meta"))
-    return frozenset(vars(synced_class(1, device="meta"))) - frozenset(plain) | {"_original_class"}
+    with unnumbered():  # a throwaway: it must not shift the construction numbers of real layers
+        synced = vars(synced_class(1, device="meta"))
+    return frozenset(synced) - frozenset(plain) | {"_original_class"}
 
 
 def _rebuild(layer: _BatchNorm, plain_class: type) -> _BatchNorm:
@@ -202,20 +204,29 @@ def convert_sync_batchnorm(module: nn.Module, process_group: comm.ProcessGroup =
         if not isinstance(layer, _BatchNorm) or isinstance(layer, SyncBatchNorm):
             return None
         _, conversion = _conversion_for(type(layer))
-        synced = conversion.synced(
-            layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
-            process_group=process_group, device="meta",
-        )
+        with unnumbered():  # named below: takes no construction number (that would shift other layers')
+            synced = conversion.synced(
+                layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
+                process_group=process_group, device="meta",
+            )
         _carry(layer, synced)
         synced._original_class = conversion.revert_to or type(layer)  # what revert gives back
         return synced
 
+    root = module
     module = _replace_modules(module, make, {})
     # Every synced layer below the root is named by its path, the same on every rank that converts
-    # the same model: what the collectives carry to tell the layers apart (syncnorm/_identity.py).
-    for path, layer in module.named_modules():
-        if path and isinstance(layer, SyncBatchNorm):
-            layer._identity = LayerIdentity.named(path)
+    # the same model: what the collectives carry to tell the layers apart (syncnorm/_identity.py). A
+    # layer shared by several parents takes its smallest path, which does not depend on the order in
+    # which the parents registered it (a model built from a set or a dict may differ there per rank).
+    paths: Dict[int, Tuple[str, SyncBatchNorm]] = {}
+    for path, layer in module.named_modules(remove_duplicate=False):
+        if path and isinstance(layer, SyncBatchNorm) and path < paths.get(id(layer), (path + "~",))[0]:
+            paths[id(layer)] = (path, layer)
+    for path, layer in paths.values():
+        layer._identity = LayerIdentity.named(path)
+    if module is not root:  # a converted BatchNorm root has no path: a construction number, as if built
+        module._identity = LayerIdentity.built(type(module).__name__, module.num_features)
     return module
 
 
@@ -280,6 +291,8 @@ def revert_sync_batchnorm(module: nn.Module, inplace: bool = False) -> nn.Module
             ) from error
 
     def make(layer: nn.Module) -> Optional[nn.Module]:
+        if "_syncnorm_original" in vars(layer):  # a slot syncnorm.act's fusion emptied: its module back
+            return layer._syncnorm_original
         plain_class, _ = _revert_class(layer)
         return None if plain_class is None else _rebuild(layer, plain_class)
 

@@ -5,7 +5,7 @@ step; deciding *whether* to sync (eval mode, one rank, no process group) is the 
 and ``sync_batch_norm`` makes that decision for functional users.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +15,9 @@ from torch.autograd.function import once_differentiable
 from syncnorm import comm, stats
 from syncnorm._compat import check_compile_supported, is_compiling
 from syncnorm._identity import (
-    FUNCTIONAL, LayerIdentity, device_check_forward, device_check_sum, gather_mismatch, sum_mismatch,
+    FUNCTIONAL, TAIL, LayerIdentity, device_check_forward, device_check_sum, gather_mismatch, sum_mismatch,
 )
-from syncnorm._recompute import ForwardRecords, Record, checkpoint_region, in_backward
+from syncnorm._recompute import is_recompute
 
 
 def host_reads_allowed(input: Tensor) -> bool:
@@ -56,54 +56,40 @@ class SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         momentum: stats.Scalar,
         process_group: comm.ProcessGroup,
-        records: Optional[ForwardRecords] = None,
-        keep_on_node: bool = False,
         identity: Optional[LayerIdentity] = None,
+        recompute: Union[bool, Tensor] = False,
     ) -> Tensor:
         identity = FUNCTIONAL if identity is None else identity
         count, mean, var = stats.local_stats(input)
-        local = None if records is None else stats.pack_synced(count, mean, var, identity.tail(mean, 0))
-        host_reads = host_reads_allowed(input)
         ctx.process_group, ctx.eps, ctx.identity = process_group, eps, identity
         ctx.route = comm.current_route()  # for a backward on autograd's device thread (CUDA): see comm
-        if records is not None and in_backward():
-            # A checkpoint's recompute: the original forward already synced and updated the running
-            # statistics; reuse its results so that the output and what is saved for backward are
-            # the same bits as the first time, with no collective. Whether it saw the original input
-            # travels in the backward sum: every rank raises there, not this one alone.
-            ctx.checked = True
-            ctx.route = ctx.route or records.route
-            record, valid = records.find(local, host_reads)
-            return _replay(ctx, input, weight, bias, record, valid, (count, mean, var))
-        region = None if records is None else checkpoint_region()
-        # Only a forward that a checkpoint can recompute checks the recompute, even with no input gradient.
-        ctx.checked = region is not None
+        # An activation checkpoint's recompute syncs like any forward (every rank recomputes the same
+        # layers at the same point of its backward), so it gives the global result of the recomputed
+        # batches; it only leaves the running statistics alone: the step is counted once.
         total, global_mean, global_var = gather_global_stats(
-            count, mean, var, process_group, identity, host_reads, input.shape
+            count, mean, var, process_group, identity, host_reads_allowed(input), input.shape, recompute
         )
         ctx.total = total
-        tail = identity.tail(mean, 1)
-        if records is not None:
-            records.add(ctx if keep_on_node else None, local, global_mean, global_var, total, region, ctx.route)
         if global_mean is None:
             # Every rank's batch is empty: nothing to normalize, and the running statistics stay as
             # they are (as in BatchNorm). Every rank knows this, so backward sends no sums.
-            ctx.save_for_backward(input, weight, None, None, tail)
+            ctx.save_for_backward(input, weight, None, None)
             return torch.empty_like(input)
-        stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
+        if isinstance(recompute, Tensor):  # decided when the compiled graph runs: a zero weight then
+            momentum = (~recompute).to(global_mean.dtype) * momentum
+        if recompute is not True:
+            stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
         # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
-        ctx.save_for_backward(input, weight, global_mean, global_var, tail)
+        ctx.save_for_backward(input, weight, global_mean, global_var)
         return stats.normalize(input, global_mean, global_var, weight, bias, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
-        input, weight, mean, var, tail = ctx.saved_tensors
-        nothing = (None,) * 9
+        input, weight, mean, var = ctx.saved_tensors
+        nothing = (None,) * 7
         if isinstance(ctx.total, int) and ctx.total == 0:  # known on the host: no sums to send
-            if ctx.checked:  # but a recompute's validity still goes round, so that every rank raises
-                _check_tail_only(tail, ctx)
             zeros = None if weight is None else torch.zeros_like(weight)
             return (
                 torch.zeros_like(input) if need_input_grad else None,
@@ -119,15 +105,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # Every rank knows whether its input needs a gradient (the model is the same on all of
             # them), so the collective is skipped consistently, e.g. for a first layer fed data.
             finish_sums = start_global_grad_sums(
-                sum_dy, grad_weight_local, ctx.identity, ctx.process_group, ctx.route, tail
+                sum_dy, grad_weight_local, ctx.identity, ctx.process_group, ctx.route
             )
             # Everything that needs no other rank's data runs while the sums are in flight.
             scales = stats.input_grad_scales(input, var, ctx.eps, weight, ctx.total)
             grad_input = stats.input_grad_from_sums(
                 grad_output, input, mean, var, ctx.eps, scales, finish_sums()
             )
-        elif ctx.checked:
-            _check_tail_only(tail, ctx)
         # Weight and bias gradients stay local on purpose: DistributedDataParallel averages parameter
         # gradients across ranks, so reducing them here as well would count them twice.
         if need_weight_grad:
@@ -137,35 +121,38 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return (grad_input, grad_weight, grad_bias) + nothing
 
 
+# A packet's head: count (or marker), channel count, and the identity tail (_identity.py).
+HEAD = 2 + TAIL
+
+
 def gather_global_stats(
     count: int, mean: Tensor, var: Tensor, process_group: comm.ProcessGroup, identity: LayerIdentity,
-    host_reads: bool, shape: Sequence[int],
+    host_reads: bool, shape: Sequence[int], recompute: Union[bool, Tensor] = False,
 ) -> Tuple[stats.Scalar, Optional[Tensor], Optional[Tensor]]:
     """The global ``(total, mean, biased variance)`` from this rank's per-channel ``(count, mean, var)``:
     one all_gather, checked on every rank. All ranks of ``process_group`` must call it.
 
     Raises ``ValueError`` on every rank (``host_reads``; else on-device asserts) when a rank flagged an
-    invalid input, when the ranks reached different synced layers (``identity``), or when the global
-    batch has one value per channel (``shape``: this rank's input shape, for the message). With
-    ``host_reads`` the total is a Python int, and when it is 0 the mean and variance are None.
+    invalid input, when the ranks reached different synced layers (``identity``) or built layers of
+    different widths, or when the global batch has one value per channel (``shape``: this rank's input
+    shape, for the message). With ``host_reads`` the total is a Python int, and when it is 0 the mean
+    and variance are None. ``recompute``: whether this is a checkpoint's recomputed forward (a 0-dim
+    bool tensor in compiled code), sent as the phase so that it must meet the other ranks' recompute.
     """
     channels = mean.numel()
+    width = _packet_width(channels, identity, mean, process_group)
+    tail = _forward_tail(identity, mean, channels, width, recompute)
     # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
     # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
-    gathered = comm.all_gather(stats.pack_synced(count, mean, var, identity.tail(mean, 0)), process_group)
+    gathered = comm.all_gather(stats.pack_synced(count, mean, var, tail), process_group)
     if not host_reads:
         counts, means, vars = stats.unpack_synced(gathered, channels)
         total = counts.sum()
         _assert_counts_on_device(counts, total)
-        device_check_forward(gathered[:, 2 * channels + 1 :], identity.tail(mean, 0))
+        device_check_forward(gathered[:, 1:HEAD], tail[: HEAD - 1])
         return (total,) + stats.combine_stats(counts, means, vars)
     # The counts and layer identities as Python numbers (one small copy): the checks and weights cost no ops.
-    heads = gathered[:, 2 * channels :].tolist()
-    counts = [head[0] for head in heads]
-    _raise_if_any_rank_invalid(counts, process_group)
-    problem = gather_mismatch([head[1:] for head in heads], identity, lambda: comm.group_ranks(process_group))
-    if problem is not None:
-        raise ValueError(problem)
+    counts = _check_heads(gathered[:, :HEAD].tolist(), identity, process_group, 2 if recompute is True else 0)
     total = int(sum(counts))
     if total == 1:
         raise ValueError(_one_value_message(f"got input size {list(shape)} on this rank, "))
@@ -174,76 +161,84 @@ def gather_global_stats(
     return (total,) + stats.combine_gathered(gathered, counts, channels)
 
 
+def _forward_tail(identity: LayerIdentity, like: Tensor, channels: int, width: int, recompute) -> Tensor:
+    pad = width - HEAD - 2 * channels
+    if isinstance(recompute, Tensor):  # known when the compiled graph runs: chosen on the device
+        return torch.where(recompute, identity.tail(like, 2, channels, pad), identity.tail(like, 0, channels, pad))
+    return identity.tail(like, 2 if recompute else 0, channels, pad)
+
+
+def _packet_width(channels: int, identity: LayerIdentity, like: Tensor, process_group: comm.ProcessGroup) -> int:
+    """Floats per packet on ``process_group`` (comm: every packet of a group has one width). A layer wider
+    than any before asks the group first, in a packet of the old width: every rank agrees, or raises
+    naming the layers (a rank at another layer) or the channel counts (another model) — with no host
+    read after the first step. A compiled graph cannot ask: it pads to the width its layer saw last in
+    eager mode, or not at all (then a rank at a layer of another width is gloo's abort, as for torch)."""
+    needed = HEAD + 2 * channels
+    if is_compiling():
+        width = identity.width
+        return width if width is not None and width >= needed else needed
+    width = comm.packet_width(process_group, HEAD)
+    if needed > width:
+        empty = like[:0]
+        request = stats.pack_synced(stats.WIDTH_REQUEST, empty, empty, identity.tail(like, 0, channels, width - HEAD))
+        _check_heads(comm.all_gather(request, process_group).tolist(), identity, process_group)
+        comm.set_packet_width(process_group, needed)  # the same on every rank: the channel counts agree
+        width = needed
+    identity.width = width
+    return width
+
+
+def _check_heads(heads: List[List[float]], identity: LayerIdentity, process_group: comm.ProcessGroup,
+                 phase: int = 0) -> List[float]:
+    """Raise when a gathered head shows an invalid input, another layer or another channel count;
+    return the counts."""
+    counts = [head[0] for head in heads]
+    _raise_if_any_rank_invalid(counts, process_group)
+    problem = gather_mismatch([head[2:HEAD] for head in heads], identity, lambda: comm.group_ranks(process_group),
+                              phase)
+    if problem is not None:
+        raise ValueError(problem)
+    if len({head[1] for head in heads}) > 1:
+        seen = ", ".join(f"rank {rank}: {int(head[1])}" for rank, head in zip(comm.group_ranks(process_group), heads))
+        raise ValueError(f"SyncBatchNorm expected the same num_features on every rank (got {seen}); "
+                         "every rank must build the same model")
+    return counts
+
+
 def start_global_grad_sums(
     sum_dy: Tensor, sum_dy_xmu: Tensor, identity: LayerIdentity, process_group: comm.ProcessGroup,
-    route: Optional[comm.Route] = None, tail: Optional[Tensor] = None,
+    route: Optional[comm.Route] = None,
 ) -> Callable[[], Tensor]:
     """Start the all-rank sum of the per-channel ``sum_dy`` and ``sum_dy_xmu`` (any per-channel pair of
     the same length and dtype) and return a function that waits for it and returns ``[sum_dy...,
     sum_dy_xmu...]`` summed over ranks, after checking on every rank that all of them sent ``identity``'s
-    backward. Exactly one collective; all ranks must call it. ``route``: the forward's
-    ``comm.current_route()``; ``tail``: the saved backward tail (default: ``identity``'s)."""
-    if tail is None:
-        tail = identity.tail(sum_dy, 1)
-    finish = comm.start_sum_across_ranks(torch.cat([sum_dy, sum_dy_xmu, tail]), process_group, route)
+    backward. Exactly one collective, as wide as the forward's gather; all ranks must call it.
+    ``route``: the forward's ``comm.current_route()``."""
     channels = sum_dy.numel()
+    needed = HEAD + 2 * channels
+    width = max(needed, identity.width or 0) if is_compiling() else comm.packet_width(process_group, needed)
+    head = identity.tail(sum_dy, 1, pad=width - needed)
+    finish = comm.start_sum_across_ranks(torch.cat([head, sum_dy, sum_dy_xmu]), process_group, route)
 
     def finish_and_check() -> Tensor:
         summed = finish()
-        _check_sum(summed[2 * channels :], tail, identity, process_group)
-        return summed[: 2 * channels]
+        _check_sum(summed[1:HEAD], identity, process_group)
+        return summed[-2 * channels :]
 
     return finish_and_check
 
 
-def _replay(ctx, input, weight, bias, record, valid, local_stats) -> Tensor:
-    """The forward's result and saved tensors from a recorded forward, exactly as that forward left them;
-    the saved backward tail says whether the recompute saw that forward's input (``valid``)."""
-    identity = ctx.identity
-    count, mean, var = local_stats
-    like = mean
-    if isinstance(valid, bool):
-        tail = identity.tail(like, 1, invalid=not valid)
-    else:  # a device flag: choose on the device
-        tail = torch.where(valid, identity.tail(like, 1), identity.tail(like, 1, invalid=True))
-    if record is None:  # nothing kept to repeat (invalid): the local statistics stand in
-        record = Record(0, None, mean, var, count if host_reads_allowed(input) else mean.new_full((), count), None)
-    ctx.total = record.total
-    if isinstance(record.total, int) and record.total == 0:
-        ctx.save_for_backward(input, weight, None, None, tail)
-        return torch.empty_like(input)
-    ctx.save_for_backward(input, weight, record.mean, record.var, tail)
-    return stats.normalize(input, record.mean, record.var, weight, bias, ctx.eps)
-
-
-def _check_tail_only(tail: Tensor, ctx) -> None:
-    """A backward that sends no gradient sums still sends its tail, for the recompute check."""
-    summed = comm.sum_across_ranks(tail.clone(), ctx.process_group, ctx.route)
-    _check_sum(summed, tail, ctx.identity, ctx.process_group)
-
-
-def _check_sum(summed: Tensor, mine: Tensor, identity: LayerIdentity, process_group: comm.ProcessGroup) -> None:
+def _check_sum(summed: Tensor, identity: LayerIdentity, process_group: comm.ProcessGroup) -> None:
     """Raise on every rank (eager CPU) or assert on the device when a backward sum's tail shows other
-    layers, or a recompute that saw another input on some rank."""
+    layers (its first slot is unused)."""
     world = comm.world_size(process_group)
     if not host_reads_allowed(summed):
         device_check_sum(summed[1:], world)
-        torch._assert_async(summed[0] == 0, _RECOMPUTE_MESSAGE)
         return
-    values = summed.tolist()
-    problem = sum_mismatch(values[1:], identity, world)
+    problem = sum_mismatch(summed.tolist()[1:], identity, world)
     if problem is not None:
         raise ValueError(problem)
-    if values[0] != 0:
-        here = "this rank included" if mine[0].item() != 0 else "not this rank"
-        raise ValueError(f"{_RECOMPUTE_MESSAGE} (got another input on {int(values[0])} rank(s), {here})")
-
-
-_RECOMPUTE_MESSAGE = (
-    "SyncBatchNorm expected a recomputed forward (activation checkpointing) to see the same input as its "
-    "original forward; make the checkpointed function deterministic (preserve_rng_state=True, the same "
-    "inputs), or do not run the model inside a backward pass"
-)
 
 
 def _one_value_message(detail: str = "") -> str:
@@ -313,7 +308,6 @@ def sync_batch_norm(
     eps: float = 1e-5,
     process_group: comm.ProcessGroup = None,
     num_features: Optional[int] = None,
-    records: Optional[ForwardRecords] = None,
     identity: Optional[LayerIdentity] = None,
 ) -> Tensor:
     r"""Batch normalization whose batch statistics span all ranks of ``process_group``.
@@ -326,6 +320,10 @@ def sync_batch_norm(
     A rank whose input is invalid (fewer than 2 dimensions, wrong channel count) still joins the
     statistics exchange with a marker, so every rank raises ``ValueError`` instead of waiting.
 
+    A call that runs while autograd runs a backward pass (activation checkpointing's recompute) syncs
+    too, since every rank recomputes at the same point of its backward, and leaves the running
+    statistics as they are, so that the step is counted once.
+
     Args:
         input: ``(N, C, *)`` tensor; ``N`` may be 0 and may differ between ranks.
         running_mean, running_var: ``(C,)`` buffers updated in place with the global mean and the
@@ -337,10 +335,6 @@ def sync_batch_norm(
         process_group: group to synchronize over; None means the default group.
         num_features: expected channel count, for the error message of a mismatching input;
             defaults to the length of ``weight``/``bias``/``running_mean``/``running_var``.
-        records: a :class:`ForwardRecords` that makes the call checkpoint-aware (as
-            :class:`syncnorm.SyncBatchNorm` passes its own): a forward recomputed by activation
-            checkpointing reuses the recorded results of the original one, with no collective and no
-            running-statistics update. None: every call syncs.
         identity: the layer's identity in the collectives (as :class:`syncnorm.SyncBatchNorm` passes
             its own), checked on every rank; None: all such calls share one identity.
 
@@ -355,33 +349,25 @@ def sync_batch_norm(
     synced = training and comm.world_size(process_group) > 1
     if synced and is_compiling():
         check_compile_supported()
-    if records is not None and (is_compiling() or not (in_backward() or records.wanted())):
-        # Compiled graphs recompute inside the graph, never by rerunning this; and a forward that no
-        # checkpoint can rerun needs no record.
-        records = None
     problem = input_error(input, expected)
     if problem is not None:
-        # A recompute sends nothing (the other ranks are in their backward): it only raises.
-        if synced and expected is not None and not (records is not None and in_backward()):
+        if synced and expected is not None:
             dtype = stats.stats_dtype(input.dtype) if input.is_floating_point() else torch.float32
             zeros = torch.zeros(expected, dtype=dtype, device=input.device)
-            tail = (FUNCTIONAL if identity is None else identity).tail(zeros, 0)
+            identity = FUNCTIONAL if identity is None else identity
+            width = _packet_width(expected, identity, zeros, process_group)
+            tail = identity.tail(zeros, 0, expected, width - HEAD - 2 * expected)
             packet = stats.pack_synced(stats.INVALID_COUNT, zeros, zeros, tail)  # marks this rank's input invalid
             gathered = comm.all_gather(packet, process_group)
             if is_compiling():
                 # A raise would stop the trace before the marker is sent, leaving the other ranks to
                 # time out; an assert that fails when the graph runs sends it first (the gathered
                 # counts include this rank's marker, so it always fails).
-                _assert_no_invalid_rank(gathered.select(1, 2 * expected), f"SyncBatchNorm {problem}")
+                _assert_no_invalid_rank(gathered.select(1, 0), f"SyncBatchNorm {problem}")
                 return input
         raise ValueError(f"SyncBatchNorm {problem}")
     if not synced:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    # A record can live on the autograd node only when the call makes one.
-    keep_on_node = records is not None and torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad for tensor in (input, weight, bias)
-    )
     return SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, process_group, records, keep_on_node,
-        identity,
+        input, weight, bias, running_mean, running_var, eps, momentum, process_group, identity, is_recompute(input)
     )

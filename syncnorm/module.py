@@ -7,9 +7,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncnorm import comm
-from syncnorm._compat import is_compiling
 from syncnorm._identity import LayerIdentity
-from syncnorm._recompute import ForwardRecords, in_backward
+from syncnorm._recompute import is_recompute
 from syncnorm.functional import host_reads_allowed, input_error, sync_batch_norm
 
 
@@ -27,17 +26,18 @@ class SyncBatchNorm(_BatchNorm):
     :class:`torch.nn.SyncBatchNorm` it runs on CPU tensors with the gloo backend as well as on CUDA
     with NCCL, and ``DistributedDataParallel`` accepts it on CPU.
 
-    Each synced training step sends one ``all_gather`` (mean, variance, count and the layer's identity:
-    ``2C + 8`` floats per rank) in forward and one sum of ``2C + 8`` floats in backward, each checked for
-    ranks that called another layer (docs/semantics.md); the first synced forward of a layer also
-    checks that all ranks agree on ``num_features``. It syncs only in training mode and only when a
+    Each synced training step sends one ``all_gather`` (mean, variance, count, ``num_features`` and the
+    layer's identity: ``2C + 9`` floats per rank, padded to the widest layer of its group) in forward and
+    one sum as wide in backward, each checked for ranks that called another layer or built another
+    model (docs/semantics.md). It syncs only in training mode and only when a
     process group with more than one rank exists; otherwise it computes exactly what ``BatchNorm``
     computes locally. Every rank of the group must run every synced forward and backward.
 
-    Under activation checkpointing (``torch.utils.checkpoint``, reentrant or not) the forward that is
-    recomputed in backward reuses what the original forward computed: the same output bits, no
-    collective, no second running-statistics update or ``num_batches_tracked`` increment. A recompute
-    whose input differs from the original's raises ``ValueError`` (docs/training_loops.md).
+    Under activation checkpointing (``torch.utils.checkpoint``, reentrant or not, or any recompute in
+    backward) a recompute syncs again, as every rank recomputes at the same point of its backward, and
+    updates neither the running statistics nor ``num_batches_tracked``: the step counts once, and a
+    recompute that sees other input than its forward gives BatchNorm's result on the recomputed global
+    batch (docs/training_loops.md).
 
     The running mean is updated with the global mean and the running variance with the *unbiased*
     global variance: ``running = (1 - momentum) * running + momentum * observed``. With
@@ -88,10 +88,6 @@ class SyncBatchNorm(_BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = comm.resolve_group(process_group)  # a DeviceMesh (dimension) -> its group
-        # Whether the one-time num_features check across ranks has run (see comm.verify_num_features).
-        self._num_features_verified = False
-        # Recent synced forwards, for activation checkpointing's recompute to reuse (not state: not saved).
-        self._forward_records = ForwardRecords()
         # What names this layer in the collectives, the same on every rank: its construction order
         # here, its qualified name once convert_sync_batchnorm walks the model (syncnorm._identity).
         self._identity = LayerIdentity.built(type(self).__name__, num_features)
@@ -105,15 +101,15 @@ class SyncBatchNorm(_BatchNorm):
         # Only training syncs; eval with batch statistics (track_running_stats=False) stays local,
         # as in torch.nn.SyncBatchNorm.
         synced = self.training and comm.world_size(self.process_group) > 1
-        # A synced forward that runs inside a backward pass is an activation checkpoint's recompute:
-        # it reuses what the original forward computed (_recompute.ForwardRecords), so the step is
-        # counted once.
-        recomputing = synced and not is_compiling() and in_backward()
+        # A synced forward that runs inside a backward pass is an activation checkpoint's recompute: the
+        # step is counted once (in a compiled graph a flag tensor, decided when the graph runs).
+        recomputing = synced and is_recompute(input)
         # Momentum bookkeeping as in BatchNorm: num_batches_tracked counts training steps, and with
         # momentum=None the running averages are cumulative (factor 1 / steps).
         average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None and not recomputing:
-            self.num_batches_tracked.add_(1)
+        counted = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if counted and recomputing is not True:
+            self.num_batches_tracked.add_(1 if recomputing is False else (~recomputing).long())
             if self.momentum is None:
                 if synced and not host_reads_allowed(input):
                     # Stays a device tensor: reading the step count would be a host sync.
@@ -127,27 +123,21 @@ class SyncBatchNorm(_BatchNorm):
 
         if not synced:
             self._check_input_dim(input)
-            return F.batch_norm(
-                input, running_mean, running_var, self.weight, self.bias,
-                use_batch_stats, average_factor, self.eps,
-            )
-        if not (self._num_features_verified or is_compiling() or recomputing):
-            # Eager only: the check reads the gathered counts on the host, which a compiled graph
-            # cannot do, and flipping the flag inside a graph would compile the model a second time.
-            comm.verify_num_features(self.num_features, input.device, self.process_group)
-            self._num_features_verified = True
+            return self._local_forward(input, running_mean, running_var, use_batch_stats, average_factor)
+        return self._synced_forward(input, running_mean, running_var, average_factor)
+
+    def _local_forward(self, input: Tensor, running_mean, running_var, use_batch_stats: bool, average_factor) -> Tensor:
+        # What a layer computes without syncing (a subclass with a fused activation overrides both).
+        return F.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, average_factor, self.eps
+        )
+
+    def _synced_forward(self, input: Tensor, running_mean, running_var, average_factor) -> Tensor:
         return sync_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, True, average_factor,
             self.eps, self.process_group, num_features=self.num_features,
-            records=self._records(), identity=self.__dict__.get("_identity"),
+            identity=self.__dict__.get("_identity"),
         )
-
-    def _records(self) -> Optional[ForwardRecords]:
-        # Layers unpickled or built by copying __dict__ from an older object may lack the attribute.
-        records = self.__dict__.get("_forward_records")
-        if records is None:
-            records = self.__dict__["_forward_records"] = ForwardRecords()
-        return records
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: comm.ProcessGroup = None) -> nn.Module:

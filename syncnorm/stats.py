@@ -19,6 +19,8 @@ Scalar = Union[float, Tensor]
 # Count field a rank puts in its statistics packet when its own input was invalid; the other ranks see
 # it after the all_gather and raise too, so a bad input fails on every rank instead of hanging the rest.
 INVALID_COUNT = -1.0
+# Count field of a packet that asks the group for a larger packet width (functional.py).
+WIDTH_REQUEST = -2.0
 
 
 def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -86,10 +88,19 @@ def pack_stats(count: float, mean: Tensor, var: Tensor) -> Tensor:
 
 
 def pack_synced(count: float, mean: Tensor, var: Tensor, tail: Tensor) -> Tensor:
-    """A synced layer's gather packet ``[mean..., var..., count, tail...]``: the count sits with the
-    layer-identity tail (``_identity.py``) so that one small read shows both, and the packet is as long
-    as the layer's backward sum ``[sum_dy..., invstd * sum_dy_xmu..., invalid, tail...]``."""
-    return torch.cat((mean, var, mean.new_full((1,), count), tail))
+    """A synced layer's gather packet ``[count, tail..., mean..., var...]``, ``tail`` being the layer's
+    head from ``LayerIdentity.tail`` (channel count, identity, padding): the count sits with the
+    identity so that one small read at the front shows both, whatever the channel count."""
+    return torch.cat((mean.new_full((1,), count), tail, mean, var))
+
+
+def empty_share(packet: Tensor) -> Tensor:
+    """What an empty batch of the same layer and phase sends, from a ``pack_synced`` packet: count, mean
+    and variance zero; channel count, identity and padding kept (``syncnorm.join``'s stand-in)."""
+    share = packet.clone()
+    share[0] = 0
+    share[share.numel() - 2 * int(packet[1]) :] = 0
+    return share
 
 
 def unpack_stats(gathered: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -117,7 +128,7 @@ def combine_stats(counts: Tensor, means: Tensor, vars: Tensor) -> Tuple[Tensor, 
 
 def unpack_synced(gathered: Tensor, channels: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Counts ``(world,)``, means and variances ``(world, C)`` of a gather of ``pack_synced`` packets."""
-    return gathered[:, 2 * channels], gathered[:, :channels], gathered[:, channels : 2 * channels]
+    return gathered[:, 0], gathered[:, -2 * channels : -channels], gathered[:, -channels:]
 
 
 def combine_gathered(gathered: Tensor, counts: List[float], channels: int) -> Tuple[Tensor, Tensor]:
@@ -131,13 +142,13 @@ def combine_gathered(gathered: Tensor, counts: List[float], channels: int) -> Tu
         return combine_stats(*unpack_synced(gathered, channels))
     total = counts[0] + counts[1]
     weight_a, weight_b = counts[0] / total, counts[1] / total
-    sizes = [channels, channels, gathered.size(1) - 2 * channels]
+    sizes = [gathered.size(1) - 2 * channels, channels, channels]
     row_a, row_b = gathered.unbind(0)
     # Ops over whole packets (count and tail slots ignored), views cut with one split each (narrow and slicing
     # cost more per call): lerp with weight n_b / n is the count-weighted average, i.e. the global
     # mean and the within-rank part of the variance.
-    global_mean, global_var, _ = row_a.lerp(row_b, weight_b).split_with_sizes(sizes)
-    delta, _, _ = row_b.sub(row_a).split_with_sizes(sizes)
+    _, global_mean, global_var = row_a.lerp(row_b, weight_b).split_with_sizes(sizes)
+    _, delta, _ = row_b.sub(row_a).split_with_sizes(sizes)
     # Between-rank part: n_a n_b / n^2 * (mean_b - mean_a)^2, a difference of means, no cancellation.
     global_var.addcmul_(delta, delta, value=weight_a * weight_b)
     return global_mean, global_var

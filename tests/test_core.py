@@ -200,7 +200,7 @@ def _count_collectives(rank, world_size):
 def test_one_collective_in_forward_and_one_in_backward_per_layer():
     for counts in run_ranks(_count_collectives, 2):
         assert counts == {
-            "first forward": 4,  # 2 layers: one-time channel check + statistics gather each
+            "first forward": 3,  # one width request (the group's first layer of 4 channels) + a gather each
             "first backward": 2,
             "second forward": 2,
             "second backward": 2,
