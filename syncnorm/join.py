@@ -16,9 +16,10 @@ How it works:
 * A :class:`CollectiveRecorder` watches every routed collective of an iteration: a statistics gather
   inside a ``SyncBatchNorm`` call is remembered as that layer call (replayed by calling the layer on an
   empty batch of the recorded input's shape, 0 in the batch dimension: zero count, running statistics
-  and ``num_batches_tracked`` updated from the gathered statistics as on the other ranks), any other
-  collective as its size and dtype (replayed with zeros, which is exactly an empty rank's contribution
-  to a backward sum).
+  and ``num_batches_tracked`` updated from the gathered statistics as on the other ranks; a checkpoint's
+  recompute in backward is replayed as a recompute), any other collective as its size and dtype
+  (replayed with zeros, which is exactly an empty rank's contribution to a backward sum; a gather of a
+  ``sync_batch_norm`` call outside a layer keeps its identity, so it passes the other ranks' check).
 * The replay runs inside DDP's own join hook, after DDP's shadow of the forward (buffer broadcast,
   "is backward synced" all_reduce) and before its gradient all_reduces: the active ranks wait for the
   former before their forward's first synced layer, and for the latter only at the end of backward.
@@ -31,6 +32,7 @@ of the recorded layer calls and sums can do that. Hence two mechanisms.
 """
 
 import contextlib
+import threading
 import weakref
 from typing import Any, Iterator, List, Optional
 
@@ -39,8 +41,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
-from syncnorm import comm
+from syncnorm import comm, stats
 from syncnorm._compat import is_compiling
+from syncnorm._recompute import as_recompute, in_backward
 from syncnorm.module import SyncBatchNorm
 
 __all__ = ["join"]
@@ -65,8 +68,10 @@ class CollectiveRecorder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.events: Optional[List[tuple]] = None  # this context's current iteration; None before the first
-        self._call: Optional[tuple] = None  # (layer, shape, dtype, device) of the layer call under way
+        self._call: Optional[tuple] = None  # (layer, shape, dtype, device, recompute) of the call under way
         self._call_recorded = False
+        self.route: Optional[comm.Route] = None  # the context's route, for a recompute on autograd's thread
+        self._followed = threading.local()
         self._replaying = False
         self._handles: list = []
 
@@ -108,17 +113,14 @@ class CollectiveRecorder:
             for event in events:
                 if event[0] == "layer":
                     # The recorded shape, 0 in the batch dimension: fits a layer taking (N, L, C) too.
-                    _, layer, shape, dtype, device = event
-                    with torch.no_grad():
+                    _, layer, shape, dtype, device, recompute = event
+                    with torch.no_grad(), as_recompute() if recompute else contextlib.nullcontext():
                         layer(torch.empty((0,) + shape[1:], dtype=dtype, device=device))
-                else:
-                    # Zeros of the recorded size and dtype: an empty rank's share (no packet built here).
-                    kind, numel, dtype, device, group = event
-                    zeros = torch.zeros(numel, dtype=dtype, device=device)
-                    if kind == "gather":
-                        comm.all_gather(zeros, group)
-                    else:
-                        comm.sum_across_ranks(zeros, group)
+                elif event[0] == "gather":  # a sync_batch_norm call outside a layer: an empty batch's packet
+                    comm.all_gather(stats.empty_share(event[1]), event[2])
+                else:  # a backward sum: zeros are an empty rank's share
+                    _, numel, dtype, device, group = event
+                    comm.sum_across_ranks(torch.zeros(numel, dtype=dtype, device=device), group)
         finally:
             self._replaying = False
 
@@ -127,11 +129,18 @@ class CollectiveRecorder:
             return
         input = args[0] if args else None
         if isinstance(input, Tensor):
-            self._call = (layer, tuple(input.shape), input.dtype, input.device)
+            recompute = in_backward()
+            self._call = (layer, tuple(input.shape), input.dtype, input.device, recompute)
             self._call_recorded = False
+            if recompute and comm.current_route() is None and self.route is not None:
+                # A recompute that autograd runs on its own thread (CUDA): its collectives go where this
+                # thread's forward sent them.
+                self._followed.previous = comm.follow(self.route)
 
     def _leave_layer(self, layer: nn.Module, args: tuple, output: Any) -> None:
         self._call = None
+        if hasattr(self._followed, "previous"):
+            comm.follow(self._followed.__dict__.pop("previous"))
 
     def observe(self, kind: str, tensor: Tensor, group) -> None:
         """The ``comm.routed`` observer: records each routed collective of a real iteration."""
@@ -146,7 +155,10 @@ class CollectiveRecorder:
                 self.events.append(("layer",) + self._call)
                 self._call_recorded = True
             return
-        self.events.append((kind, tensor.numel(), tensor.dtype, tensor.device, group))
+        if kind == "gather":
+            self.events.append((kind, tensor.clone(), group))
+        else:
+            self.events.append((kind, tensor.numel(), tensor.dtype, tensor.device, group))
 
 
 def _raise_compiled() -> None:
@@ -317,7 +329,7 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
     joinable = ddp if ddp is not None else _StandInJoinable(session)
     routes = comm.side_groups([m.process_group for m in root.modules() if isinstance(m, SyncBatchNorm)] + [group])
     session.side = routes[id(group)]
-    with comm.routed(routes, session.recorder.observe), session.recorder:
+    with comm.routed(routes, session.recorder.observe) as session.recorder.route, session.recorder:
         # Once per context: is there a rank with nothing to replay? Then the first iteration checks
         # whether such a rank ran out before running one (one small gather, all ranks together).
         mine = torch.tensor([0.0 if session.recorder.has_recording else 1.0], device=device)

@@ -1,10 +1,13 @@
 """Synced layers inside real training loops: activation checkpointing and gradient accumulation.
 
-Checkpointing: a forward that ``torch.utils.checkpoint`` recomputes in backward (reentrant and
-non-reentrant) reuses what the original forward of that layer computed, so a checkpointed model gives
-the same bits as the same model without checkpointing (outputs, every gradient, running statistics,
-``num_batches_tracked``) and sends the same collectives, and both equal BatchNorm in one process on
-the concatenated batch. Gradient accumulation: with DDP's ``no_sync()`` each micro-batch is normalized
+Checkpointing: a forward that activation checkpointing recomputes in backward (``torch.utils.checkpoint``
+reentrant and not, the composable ``checkpoint(module)``, a hand-written recompute Function, a compiled
+block inside an eager region) syncs again, as every rank recomputes at the same point of its backward,
+and leaves the running statistics and ``num_batches_tracked`` alone. So a checkpointed model gives the
+same bits as the same model without checkpointing (outputs, every gradient, running statistics,
+``num_batches_tracked``), with one more gather per recomputed call, and both equal BatchNorm in one
+process on the concatenated batch; a recompute that sees other input than its forward gives what
+BatchNorm on the global batch gives under the same recompute. Gradient accumulation: with DDP's ``no_sync()`` each micro-batch is normalized
 over all ranks' micro-batches and the running statistics move once per micro-batch, as one process
 running BatchNorm on each micro-step's concatenated micro-batches with gradients accumulated.
 """
@@ -186,13 +189,17 @@ def test_checkpointed_model_equals_the_plain_model_bitwise_and_batchnorm_on_the_
                     for key in ("output", "input grad"):
                         assert _same_bits(got[key], want[key]), f"{what}, step {step}: {key} differs"
                     assert all(map(_same_bits, got["grads"], want["grads"])), f"{what}, step {step}: grads"
-                    # No second backward sum: the recomputed forward's layers send nothing.
-                    assert got["backward collectives"] == want["backward collectives"], (what, step)
+                    # The backward re-syncs each recomputed call (5: block1, block2, shared three times):
+                    # one more gather each, no second backward sum.
+                    more = {"gather": want["backward collectives"]["gather"] + 5,
+                            "sum": want["backward collectives"]["sum"]}
+                    assert got["backward collectives"] == more, (what, step)
                 for key, value in plain["state"].items():
                     assert _same_bits(run["state"][key], value), f"{what}: {key} differs"
                 # One more step, forward and backward: one gather and one sum per synced layer call
-                # (5 calls: block1, block2, shared three times), exactly as without checkpointing.
-                assert run["step collectives"] == plain["step collectives"] == {"gather": 5, "sum": 5}, what
+                # (5 calls: block1, block2, shared three times), and one gather per recomputed call.
+                assert plain["step collectives"] == {"gather": 5, "sum": 5}, what
+                assert run["step collectives"] == {"gather": 10, "sum": 5}, what
             assert plain["state"]["shared.num_batches_tracked"].item() == 3 * len(SIZES)
         # Against BatchNorm on the concatenated batch (no dropout), every mode.
         reference = results["reference"]
@@ -213,29 +220,6 @@ def test_torch_batchnorm_updates_twice_under_checkpointing():
     x = torch.randn(6, 3, requires_grad=True)
     checkpoint(layer, x, use_reentrant=False).sum().backward()
     assert layer.num_batches_tracked.item() == 2
-
-
-def _recompute_sees_other_input(rank, world_size, use_reentrant):
-    layer = syncnorm.SyncBatchNorm(3).double()
-    noisy = lambda x: layer(F.dropout(x, 0.5))  # noqa: E731
-    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    # Without the saved random state the recompute draws another dropout mask: another input.
-    y = checkpoint(noisy, x, use_reentrant=use_reentrant, preserve_rng_state=False)
-    try:
-        y.sum().backward()
-    except Exception as error:  # reentrant: raised as is; non-reentrant: from inside the unpack
-        return f"{type(error).__name__}: {error}", layer.num_batches_tracked.item()
-    return "no error", layer.num_batches_tracked.item()
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_a_recompute_that_sees_another_input_raises_instead_of_using_stale_statistics(use_reentrant):
-    for rank, (message, steps) in enumerate(
-        run_ranks(_recompute_sees_other_input, 2, use_reentrant, timeout=TIMEOUT, pg_timeout=30.0)
-    ):
-        assert "ValueError: SyncBatchNorm expected a recomputed forward" in message, (rank, message)
-        assert "(got another input on 2 rank(s), this rank included)" in message, (rank, message)
-        assert steps == 1, (rank, steps)
 
 
 class SharedOnTwo(nn.Module):
@@ -281,29 +265,6 @@ def test_a_shared_layer_whose_two_calls_have_equal_local_statistics_recomputes_e
         for name in ("reentrant", "non-reentrant"):
             for index, (got, want) in enumerate(zip(results[name], results["plain"])):
                 assert torch.equal(got, want), (rank, name, index, (got - want).abs().max())
-
-
-def _collision_without_regions(rank, world_size, path):
-    # A recompute mechanism whose regions syncnorm cannot see: records are matched by their bits alone,
-    # and on rank 0 two of them match with different global results. That must fail on every rank.
-    from syncnorm import _recompute
-
-    _recompute.checkpoint_region = lambda: None
-    syncnorm.functional._HOST_READS = path == "host"  # "device": the CUDA/compile path, run on CPU
-    try:
-        _collision_case(rank, world_size)
-    except (ValueError, RuntimeError) as error:  # the device path asserts (RuntimeError on CPU)
-        return str(error)
-    return "no error"
-
-
-@pytest.mark.parametrize("path", ["host", "device"])
-def test_an_ambiguous_recompute_that_cannot_be_decided_raises_on_every_rank(path):
-    results = run_ranks(_collision_without_regions, 2, path, timeout=TIMEOUT, pg_timeout=30.0)
-    for rank, message in enumerate(results):
-        assert "SyncBatchNorm expected a recomputed forward" in message, (rank, message)
-        if path == "host":
-            assert ("this rank included" if rank == 0 else "not this rank") in message, (rank, message)
 
 
 # Gradient accumulation: per optimizer step, micro-batches of these per-rank sizes.
@@ -415,11 +376,14 @@ def _launcher_case(rank, world_size, out, name):
             "train": {"epochs": 1, "batch_size": 8, "max_steps": 3, "dtype": "float64", "seed": 3},
             "output_dir": f"{out}/{name}-{checkpointed}",
         })
-        result = train(cfg, reporter=Reporter(enabled=False))
-        # Forwards that kept a record for a recompute: only checkpointed blocks' synced layers keep one.
-        recorded = sum(layer._forward_records._added for layer in result.model.modules()
-                       if isinstance(layer, syncnorm.SyncBatchNorm))
-        results.append((_state(result.model), result.metrics, recorded))
+        counter = CollectiveCounter()
+        try:
+            result = train(cfg, reporter=Reporter(enabled=False))
+        finally:
+            counter.close()
+        # Gathers per backward sum: 1 without checkpointing; more with it (the recomputes re-sync).
+        counts = counter.take()
+        results.append((_state(result.model), result.metrics, counts["gather"] / counts["sum"]))
     return results
 
 
@@ -432,9 +396,9 @@ def test_launcher_checkpoint_activations_trains_exactly_like_the_plain_run(tmp_p
     for rank, (plain, checkpointed) in enumerate(
         run_ranks(_launcher_case, 2, str(tmp_path), name, timeout=TIMEOUT, pg_timeout=60.0)
     ):
-        state, metrics, recorded = plain
-        state_ck, metrics_ck, recorded_ck = checkpointed
-        assert recorded == 0 and recorded_ck > 0, (rank, recorded, recorded_ck)
+        state, metrics, gathers = plain
+        state_ck, metrics_ck, gathers_ck = checkpointed
+        assert gathers_ck > gathers, (rank, gathers, gathers_ck)
         assert state.keys() == state_ck.keys()
         for key in state:
             assert _same_bits(state_ck[key], state[key]), f"rank {rank}: {key} differs"
@@ -493,3 +457,216 @@ def test_checkpointing_inside_syncnorm_join_equals_join_without_it():
             for key, value in plain[rank][1].items():
                 assert _same_bits(state[key], value), (use_reentrant, rank, key)
             assert state["middle.1.num_batches_tracked"].item() == 3, (use_reentrant, rank)
+
+
+# --------------------------------------------------------------------------- issue 27: every way to recompute
+
+
+class _Recompute(torch.autograd.Function):
+    """A hand-written activation checkpoint: forward without a graph, rerun with one in backward."""
+
+    @staticmethod
+    def forward(ctx, fn, u, w):
+        ctx.fn = fn
+        ctx.save_for_backward(u, w)
+        with torch.no_grad():
+            return fn(u, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, w = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        with torch.enable_grad():
+            y = ctx.fn(u, w)
+        torch.autograd.backward(y, grad)
+        return None, u.grad, w.grad
+
+
+class _Case(nn.Module):
+    """One BatchNorm layer called on two inputs, under one recompute mechanism (``kind``) or none."""
+
+    def __init__(self, kind, norm=nn.BatchNorm1d) -> None:
+        super().__init__()
+        self.bn, self.kind = norm(3), kind
+        self.wrapped = nn.Sequential(self.bn)  # what the composable checkpoint(module) API wraps
+
+    def discarded_region(self, u, w):
+        self.bn(w * 2)  # its output is never used; its statistics count (as in BatchNorm)
+        return self.bn(u) * 1.5 + self.bn(w).pow(2)
+
+    def forward(self, u, w):
+        if self.kind in ("discarded", "discarded-plain"):
+            return self.discarded_region(u, w) if self.kind == "discarded-plain" else checkpoint(
+                self.discarded_region, u, w, use_reentrant=False)
+        if self.kind in ("loop", "loop-plain"):  # 70 reentrant regions, each one call of the layer
+            for _ in range(70):
+                u = (self.bn(u) if self.kind == "loop-plain" else checkpoint(self.bn, u, use_reentrant=True)) * 0.5 + u
+        if self.kind == "function":  # two regions, one call each
+            return _Recompute.apply(lambda a, b: self.bn(a), u, w) * 1.5 + _Recompute.apply(
+                lambda a, b: self.bn(b), u, w).pow(2)
+        if self.kind == "composable":  # checkpoint(module): two regions
+            return self.wrapped(u) * 1.5 + self.wrapped(w).pow(2)
+        return self.bn(u) * 1.5 + self.bn(w).pow(2)
+
+
+# Per step, each rank's batch: rank 0's two inputs are equal bit for bit in the first step (so are its
+# two calls' local statistics), rank 1's batch is empty in the second.
+CASE_SIZES = [[3, 4, 2], [4, 0, 3]]
+
+
+def _case_inputs(step, sizes, rank=None):
+    """The global (u, w) of ``step``, or ``rank``'s slices."""
+    generator = torch.Generator().manual_seed(step)
+    u = torch.randn(sum(sizes), 3, generator=generator, dtype=torch.float64) * 2 + 0.5
+    w = torch.randn(sum(sizes), 3, generator=generator, dtype=torch.float64)
+    if step == 0:
+        w[: sizes[0]] = u[: sizes[0]]
+    if rank is None:
+        return u, w
+    start = sum(sizes[:rank])
+    return u[start : start + sizes[rank]].clone(), w[start : start + sizes[rank]].clone()
+
+
+def _run_case(model, steps, rank=None):
+    """SGD steps; per step output, input grads, parameter grads (summed over ranks); final buffers."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    record = []
+    for step, sizes in enumerate(steps):
+        u, w = (t.requires_grad_() for t in _case_inputs(step, sizes, rank))
+        optimizer.zero_grad()
+        y = model(u, w)
+        upstream = torch.linspace(-1, 2, 3 * sum(sizes), dtype=y.dtype).view(-1, 3)
+        if rank is not None:
+            upstream = upstream[sum(sizes[:rank]) : sum(sizes[: rank + 1])]
+        (y * upstream).sum().backward()
+        if rank is not None:  # as DDP would (up to its 1 / world size)
+            import torch.distributed as dist
+
+            for param in model.parameters():
+                dist.all_reduce(param.grad)
+        record.append([y.detach(), u.grad, w.grad] + [param.grad.clone() for param in model.parameters()])
+        optimizer.step()
+    return record, _state(model)
+
+
+def _recompute_kinds_case(rank, world_size, kinds):
+    return {kind: _recompute_kind_case(rank, world_size, kind) for kind in kinds}
+
+
+def _recompute_kind_case(rank, world_size, kind):
+    torch.manual_seed(0)
+    plain = _Case(None).double()
+    model = _Case(kind, syncnorm.SyncBatchNorm).double()
+    model.load_state_dict(plain.state_dict())
+    if kind == "composable":
+        from torch.distributed._composable import checkpoint as composable_checkpoint
+
+        composable_checkpoint(model.wrapped)
+    steps = [sizes[:world_size] for sizes in CASE_SIZES]
+    got = _run_case(model, steps, rank)
+    # One process: BatchNorm on the concatenated batches, the same calls, no checkpointing.
+    plain.kind = f"{kind}-plain"
+    reference, ref_state = _run_case(plain, steps)
+    errors = []
+    for step, (mine, ref) in enumerate(zip(got[0], reference)):
+        start, stop = sum(steps[step][:rank]), sum(steps[step][: rank + 1])
+        ref = [t[start:stop] for t in ref[:3]] + ref[3:]
+        errors += [_close(a, b) for a, b in zip(mine, ref)]
+    errors += [_close(got[1][key], ref_state[key]) for key in ref_state]
+    return errors, got[1]["bn.num_batches_tracked"].item()
+
+
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_every_recompute_mechanism_equals_batchnorm_on_the_global_batch(world_size):
+    # Issue 27 case 5: the composable checkpoint(module) API and a hand-written recompute Function, each
+    # with one rank's two calls equal (first step) and one rank's batch empty (second); a non-reentrant
+    # region whose first call's output is discarded; 70 reentrant regions of one layer in a loop (more
+    # than the 64 forwards the record design kept). Each recomputed call re-syncs.
+    kinds = ["composable", "function", "discarded", "loop"]
+    for rank, results in enumerate(run_ranks(_recompute_kinds_case, world_size, kinds, timeout=TIMEOUT,
+                                             pg_timeout=30.0)):
+        for kind, (matches, steps) in results.items():
+            assert all(matches), (rank, kind, matches)
+            calls = {"discarded": 3, "loop": 72}.get(kind, 2)
+            assert steps == calls * len(CASE_SIZES), (rank, kind, steps)
+
+
+def _other_input_cases(rank, world_size):
+    return [_other_input_case(rank, world_size, use_reentrant) for use_reentrant in (False, True)]
+
+
+def _other_input_case(rank, world_size, use_reentrant):
+    """A recompute that sees other input than its forward (a scale that changes between the two)."""
+    scale = [1.0]
+
+    def noisy(layer, x):
+        scale[0] += 0.5  # the forward sees x * 1.5, the recompute x * 2
+        return layer(x * scale[0])
+
+    torch.manual_seed(0)
+    plain = nn.BatchNorm1d(3).double()
+    layer = syncnorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    sizes = [3, 5, 2][:world_size]
+    x = torch.randn(sum(sizes), 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    upstream = torch.linspace(-1, 2, x.numel(), dtype=x.dtype).view_as(x)
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    local = x[start:stop].clone().requires_grad_()
+    y = checkpoint(noisy, layer, local, use_reentrant=use_reentrant)
+    (y * upstream[start:stop]).sum().backward()
+    # One process, the same recompute: torch's BatchNorm counts the recompute as a second step, so
+    # its buffers are taken before backward (syncnorm updates them once, in the forward).
+    scale[0] = 1.0
+    x.requires_grad_()
+    y_ref = checkpoint(noisy, plain, x, use_reentrant=use_reentrant)
+    ref_buffers = _state(plain)
+    (y_ref * upstream).sum().backward()
+    pairs = [(y.detach(), y_ref.detach()[start:stop]), (local.grad, x.grad[start:stop])]
+    pairs += [(a, b) for a, b in zip(_state(layer).values(), ref_buffers.values())]
+    return [_close(a, b) for a, b in pairs]
+
+
+@pytest.mark.parametrize("world_size", [3, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_recompute_that_sees_other_input_gives_batchnorm_under_the_same_recompute(world_size):
+    # Both modes. The record design raised "expected a recomputed forward to see the same input".
+    for rank, modes in enumerate(run_ranks(_other_input_cases, world_size, timeout=TIMEOUT, pg_timeout=30.0)):
+        for use_reentrant, matches in zip((False, True), modes):
+            assert all(matches), (rank, use_reentrant, matches)
+
+
+def _compiled_block_case(rank, world_size, use_reentrant, backend):
+    """Issue 27 case 2: a torch.compile'd block called inside an eager checkpoint region, 4 steps."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU()).double()
+    block = torch.compile(syncnorm.convert_sync_batchnorm(copy.deepcopy(plain)), backend=backend, fullgraph=True)
+    matches = []
+    for step in range(4):
+        sizes = [3, 5, 2][:world_size]
+        x = torch.randn(sum(sizes), 3, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        local = x[start:stop].clone().requires_grad_()
+        y = checkpoint(block, local, use_reentrant=use_reentrant)
+        y.pow(2).sum().backward()
+        x.requires_grad_()
+        y_ref = plain(x)
+        y_ref.pow(2).sum().backward()
+        matches += [_close(y.detach(), y_ref.detach()[start:stop]), _close(local.grad, x.grad[start:stop])]
+    state = _state(block)
+    matches += [_close(state[f"_orig_mod.{key}"], value) for key, value in _state(plain).items()]
+    return matches, state["_orig_mod.1.num_batches_tracked"].item()
+
+
+@pytest.mark.parametrize("use_reentrant,world_size,backend", [
+    (False, 2, "aot_eager"),
+    pytest.param(True, 3, "aot_eager", marks=pytest.mark.slow),
+    pytest.param(False, 2, "inductor", marks=pytest.mark.slow),
+])
+def test_compiled_block_inside_an_eager_checkpoint_counts_each_step_once(use_reentrant, world_size, backend):
+    from syncnorm._compat import COMPILE_MIN_TORCH, TORCH_VERSION
+
+    if TORCH_VERSION < COMPILE_MIN_TORCH:
+        pytest.skip("torch.compile of syncnorm needs a newer torch")
+    for rank, (matches, steps) in enumerate(run_ranks(
+        _compiled_block_case, world_size, use_reentrant, backend, timeout=TIMEOUT, pg_timeout=60.0
+    )):
+        assert steps == 4, (rank, steps)
+        assert all(matches), (rank, matches)

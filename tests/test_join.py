@@ -91,11 +91,24 @@ def _reference(epochs, world, divide_by_initial=True, grad=True, owners=None, le
     return outputs, _state(net)
 
 
-def _train_rank(rank, world, epochs, zero=False, join_kwargs=None, device="cpu", length=None):
+class _FunctionalNorm(nn.BatchNorm1d):
+    """BatchNorm1d's parameters and buffers; its forward calls ``syncnorm.sync_batch_norm`` directly."""
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return syncnorm.sync_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                        self.training, self.momentum, self.eps)
+
+
+def _train_rank(rank, world, epochs, zero=False, join_kwargs=None, device="cpu", length=None, functional=False):
     """This rank's outputs and final state (on the CPU); ``device``: where it trains (tests/test_gpu.py
-    runs this on ``cuda:0``); ``length``: sequences ``(N, length, C)`` through ``_channels_last`` layers."""
-    net = _net(syncnorm.SyncBatchNorm if length is None else _channels_last(syncnorm.SyncBatchNorm)).to(device)
-    model = DistributedDataParallel(net, **_NO_BUFFER_SYNC)
+    runs this on ``cuda:0``); ``length``: sequences ``(N, length, C)`` through ``_channels_last`` layers;
+    ``functional``: layers that call ``sync_batch_norm`` (join cannot update a stand-in rank's buffers of
+    such layers: DDP's default buffer broadcast keeps them equal instead)."""
+    norm = _FunctionalNorm if functional else syncnorm.SyncBatchNorm
+    net = _net(norm if length is None else _channels_last(norm)).to(device)
+    model = DistributedDataParallel(net, **({} if functional else _NO_BUFFER_SYNC))
     if zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -166,6 +179,15 @@ def test_layer_taking_another_layout_stands_in_with_its_own_shape(world, epochs)
     # recorded shape, (0, L, C), which the subclass turns into (0, C, L) as for a real batch.
     results = run_ranks(_train_rank, world, epochs, False, None, "cpu", 5, timeout=120, pg_timeout=30)
     _check(results, _reference(epochs, world, length=5))
+
+
+@pytest.mark.parametrize("world, epochs", [
+    (2, TWO_RANKS), pytest.param(3, THREE_RANKS, marks=pytest.mark.slow)], ids=["2ranks", "3ranks"])
+def test_functional_sync_batch_norm_inside_join_matches_one_process(world, epochs):
+    # Issue 27 case 1: the stand-in replays a sync_batch_norm call's gather with its identity, so the
+    # running ranks' check passes (it raised "the ranks reached different synced layers").
+    results = run_ranks(_train_rank, world, epochs, False, None, "cpu", None, True, timeout=120, pg_timeout=30)
+    _check(results, _reference(epochs, world))
 
 
 @pytest.mark.slow
