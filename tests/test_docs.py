@@ -405,19 +405,16 @@ RUN_SAMPLES = {
     ("docs/multinode.md", '{"epoch": 1, '): DOCUMENTED,  # its metrics.jsonl row
     ("docs/multinode.md", "run dir runs/lenet_slurm\n"): DOCUMENTED,  # under SLURM, two nodes
     ("docs/troubleshooting.md", "--set output_dir=runs/kill --resume auto"): DOCUMENTED,  # restarted: same rows
-    ("docs/launcher.md", "--set train.epochs=50"):
-        "one process, 50 epochs, stopped by Ctrl-C: its rows are another run's (not checked)",
+    ("docs/launcher.md", "--set train.epochs=50"): "one process, stopped by Ctrl-C (slow: checked below)",
     ("docs/launcher.md", "compiled in "):
         "torch.compile: inductor's float32 rows depend on its kernels and version (not checked)",
-    ("docs/training_loops.md", "run dir runs/uneven\n"): "3 ranks, uneven shards (not checked)",
+    ("docs/training_loops.md", "run dir runs/uneven\n"): "3 ranks, uneven shards (slow: checked below)",
     ("docs/launcher.md", "--config configs/resnet18_imagefolder.yaml\n"):
         "resnet18 on the generated image folder: about 5 minutes of training here (not checked)",
     # printed statistics
-    ("docs/integrations.md", "rank 0: BatchNorm2d running_mean[:3]"): "examples/lightning_cpu.py",
-    ("docs/fsdp.md", "dp group [0, 2]: bn1.running_mean[0]"):
-        "mesh.py on 4 ranks (not checked here; tests/test_fsdp.py checks its statistics against one process)",
-    ("docs/precise_bn.md", "rank 0: bn1 running_mean[:3]"):
-        "precise.py (not checked here; tests/test_precise.py checks update_bn_stats against one process)",
+    ("docs/integrations.md", "rank 0: BatchNorm2d running_mean[:3]"): "examples/lightning_cpu.py (slow: checked below)",
+    ("docs/fsdp.md", "dp group [0, 2]: bn1.running_mean[0]"): "the page's mesh.py on 4 ranks (slow: checked below)",
+    ("docs/precise_bn.md", "rank 0: bn1 running_mean[:3]"): "the page's precise.py (slow: checked below)",
     ("docs/multinode.md", "syncnorm on 2 Ray workers"): "examples/ray_train.py under Ray (not checked here)",
     ("docs/multinode.md", "plain BatchNorm on 2 Ray workers"): "examples/ray_train.py under Ray (not checked here)",
 }
@@ -556,6 +553,7 @@ def test_the_default_marker_and_the_core_files_the_docs_name_are_the_projects():
         f"({sorted(CORE_TEST_FILES)})")
 
 
+@pytest.mark.slow  # Lightning itself is tested in the default run (test_integrations); this is its sample
 def test_the_lightning_example_prints_its_sample():
     """docs/integrations.md shows the last lines of examples/lightning_cpu.py (seeded): each rank's running mean."""
     pytest.importorskip("lightning", reason="the Lightning example needs pip install -e '.[dev]'")
@@ -569,3 +567,109 @@ def test_the_lightning_example_prints_its_sample():
     shown, printed = (line.findall(text) for text in (sample, output))
     assert len(printed) == 2 and sorted(shown) == sorted(printed), \
         f"docs/integrations.md shows:\n{chr(10).join(shown)}\nthe example prints:\n{chr(10).join(printed)}"
+
+
+
+# --------------------------------------------------------------------------- the other runs' samples (slow)
+
+NUMBER = re.compile(r"-?\d+\.\d+(?:e-?\d+)?")
+
+
+def _lines_differ(documented, fresh):
+    """Whether two printed lines differ beyond what another torch or CPU's float32 rounding may change."""
+    if _where_the_docs_ran() or NUMBER.sub("#", documented) != NUMBER.sub("#", fresh):
+        return documented != fresh
+    return any(abs(float(a) - float(b)) > 1e-4 * max(1.0, abs(float(b)))
+               for a, b in zip(NUMBER.findall(documented), NUMBER.findall(fresh)))
+
+
+def _script_samples():
+    """(page, script name, ranks, code, sample) of every page's 'save as `X.py`, run with `torchrun
+    --nproc_per_node=N X.py`' script, with the ```text block that follows it."""
+    found = []
+    for path in DOCS:
+        text = _read(path)
+        for m in re.finditer(r"save as `(\w+\.py)`, run with\s+`torchrun --nproc_per_node=(\d+) \1`", text):
+            blocks = _blocks(text[m.end():])
+            code = next(body for language, body in blocks if language == "python")
+            sample = next(body for language, body in blocks if language == "text")
+            found.append((_rel(path), m.group(1), int(m.group(2)), code, sample))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page, name, ranks, code, sample", [pytest.param(*s, id=s[1]) for s in _script_samples()])
+def test_the_docs_scripts_print_their_samples(page, name, ranks, code, sample, tmp_path):
+    """fsdp.md's mesh.py and precise_bn.md's precise.py, run as the page says, print the lines it shows (in any
+    rank order)."""
+    from trainkit import free_port, run_in_session
+    (tmp_path / name).write_text(code)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    output = run_in_session([torchrun, f"--nproc_per_node={ranks}", f"--master_port={free_port()}", name],
+                            str(tmp_path), env, 600, f"{page}'s {name}")
+    shown, printed = (sorted(_rank_lines(text)) for text in (sample, output))
+    assert len(shown) == len(printed) and not any(map(_lines_differ, shown, printed)), \
+        f"{page} shows:\n" + "\n".join(shown) + f"\n{name} prints:\n" + "\n".join(printed)
+
+
+def _rank_lines(text):
+    """The "rank N..." lines of ranks that print at the same time (their lines can run together)."""
+    pieces = re.split(r"(?=rank \d+[ :])", text)
+    return [piece.split("\n")[0].rstrip() for piece in pieces if re.match(r"rank \d+[ :]", piece)]
+
+
+def _sample(key):
+    return next(body for _, found, body in _run_samples() if found == key)
+
+
+@pytest.mark.slow
+def test_the_uneven_shard_sample_matches_a_fresh_run(tmp_path):
+    """training_loops.md's 3-rank uneven-shard run, run as the page shows it."""
+    from trainkit import free_port, run_in_session
+    sample = _sample(("docs/training_loops.md", "run dir runs/uneven\n"))
+    command = next(c for c in _commands(_read(os.path.join(ROOT, "docs", "training_loops.md")))
+                   if "data.shard=uneven" in c and c.startswith("torchrun"))
+    argv = command.replace("torchrun", f"torchrun --master_port={free_port()}", 1).split()
+    argv = [os.path.join(os.path.dirname(sys.executable), argv[0]), *argv[1:], "--set", f"output_dir={tmp_path}/run"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    output = run_in_session(argv, ROOT, env, 600, "training_loops.md's uneven run")
+    with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
+        metrics = [json.loads(line) for line in f]
+    problems = _differences_from_the_run(sample, {"output": output, "metrics": metrics, "eval": ""})
+    assert not problems, "docs/training_loops.md:\n  " + "\n  ".join(problems) + "\n\nfresh run:\n" + output
+
+
+@pytest.mark.slow
+def test_the_ctrl_c_sample_matches_a_fresh_run(tmp_path):
+    """launcher.md's Ctrl-C sample: one process, 50 epochs configured, SIGINT after epoch 3's row: the row is the
+    same, and the run ends with the one line (exit status 130)."""
+    import signal
+    sample = _sample(("docs/launcher.md", "--set train.epochs=50"))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # each row as printed
+    process = subprocess.Popen([sys.executable, "launch/train.py", "--config", "configs/lenet.yaml", "--set",
+                                f"output_dir={tmp_path}/run", "--set", "train.epochs=50"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in process.stdout:  # noqa: B007 -- read until epoch 3's row
+            lines.append(line.rstrip("\n"))
+            if re.match(r"\s+3\s", line) and ROW.match(line):
+                process.send_signal(signal.SIGINT)
+                break
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "\n".join(lines) + "\n" + rest
+    assert process.returncode == 130, output
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8")]
+    problems = _differences_from_the_run(sample, {"output": output, "metrics": metrics, "eval": ""})
+    # where Ctrl-C lands depends on when it is pressed: the line's form is checked, not its epoch and step
+    form = re.compile(r"error: interrupted at epoch \d+(, step \d+| \(evaluation\))?; last checkpoint \S+/ckpt_epoch\d+\.pt; "
+                      r"continue with --resume auto \(log: \S+/logs/rank0\.log\)$")
+    shown_end = next(line for line in sample.splitlines() if line.startswith("error: interrupted"))
+    printed_end = next((line for line in output.splitlines() if line.startswith("error: interrupted")), "")
+    if not (form.match(shown_end) and form.match(printed_end)):
+        problems.append(f"{shown_end!r} (fresh run: {printed_end!r})")
+    assert not problems, "docs/launcher.md (Ctrl-C):\n  " + "\n  ".join(problems) + "\n\nfresh run:\n" + output
