@@ -411,6 +411,23 @@ def test_a_per_rank_batch_of_one_into_batchnorm_is_one_line_before_any_step(caps
     check_batch_norm_batch(build_model("resnet18", norm="bn", in_shape=(3, 32, 32)), 1, (3, 32, 32), world_size=1)
 
 
+def test_an_lr_far_above_the_linear_scaling_rule_for_the_global_batch_is_warned_once(capsys, tmp_path):
+    """``--nproc_per_node=3 --set train.batch_size=1`` trained to chance with no word (issue 30): one warning
+    with the rule's lr; the default run (2 x 64, lr 0.1) gets none."""
+    from syncnorm.train.preflight import small_batch_warning
+
+    assert small_batch_warning(0.1, 64, 2) is None and small_batch_warning(0.1, 16, 2) is None
+    text = small_batch_warning(0.1, 1, 3)
+    assert text.startswith("train.lr=0.1 is high for a global batch of 3 (3 rank(s) x 1)") and "0.0012" in text
+    assert "--set train.lr=0.02" in text
+    assert "x 4 micro-batches" in small_batch_warning(0.5, 2, 2, grad_accum=4)
+    code, stdout, err = _run(capsys, tmp_path / "run", "--set", "train.batch_size=3")
+    assert code == 0, err
+    assert stdout.count("warning: train.lr=0.1 is high for a global batch of 3 (1 rank(s) x 3)") == 1
+    code, stdout, err = _run(capsys, tmp_path / "ok", "--set", "train.batch_size=3", "--set", "train.lr=0.009")
+    assert code == 0 and "is high for a global batch" not in stdout
+
+
 # --------------------------------------------------------------------------- files, checkpoints, output
 
 

@@ -43,7 +43,7 @@ from syncnorm.train.errors import (CollectiveError, ConfigError, NonFiniteLossEr
                                    UnsupportedOperationError)
 from syncnorm.train.interrupts import during_interrupt, interrupted, interrupts_deferred
 from syncnorm.train.models import count_parameters, has_sync_batchnorm
-from syncnorm.train.preflight import check_run, say_if_nothing_syncs
+from syncnorm.train.preflight import check_run, say_if_nothing_syncs, say_if_the_batch_is_small_for_the_lr
 from syncnorm.train.resume import restore
 from syncnorm.train.ui import Reporter
 
@@ -216,6 +216,7 @@ def start(run: Run) -> None:
         reporter.keys(speed)
     reporter.keys([("run dir", cfg.output_dir)])
     say_if_nothing_syncs(run)
+    say_if_the_batch_is_small_for_the_lr(run)
     if run.resumed_from:
         reporter.info(f"resumed from {run.resumed_from} (epoch {run.start_epoch - 1} done)")
         for row in run.metrics:
@@ -312,14 +313,17 @@ def _save_epoch(run: Run, epoch: int, row: Dict[str, Any]) -> str:
     if run.info.rank != 0:
         return ckpt.checkpoint_path(run_dir, epoch)
     rundir.append_metrics(run_dir, row)
-    return ckpt.save_checkpoint(run_dir, epoch, {
+    state = {
         "model": run.model_without_ddp.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else {},
         "rng": ckpt.rng_state(),
         "config": to_dict(run.cfg),
         "metrics": run.metrics,
-    }, keep=run.cfg.train.keep_checkpoints)
+    }
+    if run.settings.scaler is not None:  # train.amp=fp16: the loss scale it has found
+        state["scaler"] = run.settings.scaler.state_dict()
+    return ckpt.save_checkpoint(run_dir, epoch, state, keep=run.cfg.train.keep_checkpoints)
 
 
 def nothing_to_do(run: Run) -> RunResult:

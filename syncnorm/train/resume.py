@@ -92,6 +92,8 @@ def restore(run, resume: str) -> None:
         run.optimizer.load_state_dict(saved["optimizer"])
         if run.scheduler is not None and saved["scheduler"]:
             run.scheduler.load_state_dict(saved["scheduler"])
+        if run.settings.scaler is not None and saved.get("scaler"):
+            run.settings.scaler.load_state_dict(saved["scaler"])
     except (ValueError, KeyError, RuntimeError) as error:
         raise ckpt.CheckpointError(f"checkpoint {path}: optimizer/scheduler state does not fit "
                                    f"this config ({error})") from None
