@@ -224,6 +224,28 @@ def test_channels_last_trains_to_the_same_weights(tmp_path):
     _assert_same_run(last, plain, rtol=1e-9, atol=1e-12)
 
 
+def test_the_fp16_scaler_path_unscales_before_clipping(tmp_path):
+    """train.amp=fp16's step (scale the loss, unscale, clip, scaler.step) with torch's CPU GradScaler: its
+    scales are powers of 2, so without autocast the step equals the unscaled one bit for bit."""
+    from syncnorm.train.data import make_loaders
+    from syncnorm.train.epoch import StepSettings, train_one_epoch
+
+    cfg = from_dict(_lenet(tmp_path, dtype="float32"))
+    data = datasets_of(cfg, download=False)
+    info = DistInfo(0, 1, 0, 1, "", torch.device("cpu"), False)
+    states = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)):
+        seed_everything(1)
+        model = network_of(cfg, data)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader, _, _ = make_loaders(data, batch_size=16, eval_batch_size=100, rank=0, world_size=1, seed=1,
+                                    shuffle=False)
+        train_one_epoch(model, loader, optimizer, info, torch.float32, max_steps=3,
+                        settings=StepSettings(scaler=scaler, clip_grad=0.05))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 # --------------------------------------------------------------------------- slow: more of the same
 
 
