@@ -19,7 +19,7 @@ import torch
 from syncnorm.train import checkpoint as ckpt
 from syncnorm.train import build, distributed
 from syncnorm.train.config import ConfigError, load_config
-from syncnorm.train.ui import Reporter
+from syncnorm.train.ui import Reporter, progress_fields
 from trainkit import LENET, ROOT, free_port, load_launcher
 
 LAUNCHER = os.path.join(ROOT, "launch", "train.py")
@@ -473,7 +473,9 @@ def test_progress_bar_and_hints_at_80_columns():
     with reporter.epoch_progress(1, 5, 31) as advance:
         first = buffer.getvalue()
         advance(0.6931, 4354.2)
-    assert "0/31 loss - - samples/s" in first and "nan" not in first.lower()
+        advance(0.6931, 4354.2, 0.25)  # with the share of the time spent waiting for batches
+    assert "0/31 loss - - samples/s data wait -" in first and "nan" not in first.lower()
+    assert progress_fields(0.6931, 4354.2, 0.25) == {"loss": "0.6931", "sps": "4,354", "wait": "25%"}
     command = "/a/long/venv/bin/python /a/long/checkout/launch/eval.py --checkpoint runs/lenet/ckpt_epoch5.pt"
     buffer.seek(0)
     buffer.truncate()
