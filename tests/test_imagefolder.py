@@ -296,6 +296,17 @@ def test_syncbn_beats_chance_on_the_digits(tmp_path):
     assert metrics[-1]["test_acc"] > 0.3, metrics  # chance: 10 %
 
 
+@pytest.mark.slow
+def test_grad_accum_under_ddp_no_sync_equals_the_global_batch(tmp_path):
+    """2 ranks x 2 micro-batches of 8 (the first backward under DDP's no_sync) == one process x 32, GroupNorm,
+    float64: each loss divided by the step's micro-batches, and the summed gradients all-reduced by the last
+    backward (one left under no_sync would leave each rank its own gradients, and the ranks would part)."""
+    two = run_ranks(_train, 2, _lenet(tmp_path / "two", batch_size=8, grad_accum=2, shuffle=True), timeout=300)
+    one = _train(0, 1, _lenet(tmp_path / "one", batch_size=32, shuffle=True))
+    _assert_same_run(two[0], one)
+    assert two[0][1][0]["samples"] == one[1][0]["samples"] == 96
+
+
 def _grouped_layers(rank, world_size, group_size):
     """One synced step of LeNet-BN built by the launcher with sync.group_size, on this rank's own batch."""
     cfg = from_dict({"model": {"name": "lenet", "norm": "syncbn"}, "train": {"dtype": "float64", "seed": 2},
