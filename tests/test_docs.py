@@ -406,8 +406,7 @@ RUN_SAMPLES = {
     ("docs/multinode.md", "run dir runs/lenet_slurm\n"): DOCUMENTED,  # under SLURM, two nodes
     ("docs/troubleshooting.md", "--set output_dir=runs/kill --resume auto"): DOCUMENTED,  # restarted: same rows
     ("docs/launcher.md", "--set train.epochs=50"): "one process, stopped by Ctrl-C (slow: checked below)",
-    ("docs/launcher.md", "compiled in "):
-        "torch.compile: inductor's float32 rows depend on its kernels and version (not checked)",
+    ("docs/launcher.md", "compiled in "): "torch.compile, 2 epochs (slow: checked below)",
     ("docs/training_loops.md", "run dir runs/uneven\n"): "3 ranks, uneven shards (slow: checked below)",
     ("docs/launcher.md", "--config configs/resnet18_imagefolder.yaml\n"):
         "resnet18 on the generated image folder: about 5 minutes of training here (not checked)",
@@ -673,3 +672,20 @@ def test_the_ctrl_c_sample_matches_a_fresh_run(tmp_path):
     if not (form.match(shown_end) and form.match(printed_end)):
         problems.append(f"{shown_end!r} (fresh run: {printed_end!r})")
     assert not problems, "docs/launcher.md (Ctrl-C):\n  " + "\n  ".join(problems) + "\n\nfresh run:\n" + output
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores, most of it compiling
+def test_the_compiled_sample_matches_a_fresh_run(tmp_path):
+    """launcher.md's compiled run (the command its text gives): the same rows (the compile time aside)."""
+    from trainkit import free_port, run_in_session
+    sample = _sample(("docs/launcher.md", "compiled in "))
+    command = re.search(r"`(torchrun --nproc_per_node=2 launch/train\.py [^`]*train\.compile=true[^`]*)`",
+                        _read(os.path.join(ROOT, "docs", "launcher.md"))).group(1).split()
+    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), f"--master_port={free_port()}",
+               *[a for a in command[1:] if not a.startswith("output_dir=")], f"output_dir={tmp_path}/run"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    output = run_in_session(command, ROOT, env, 900, "launcher.md's compiled run")
+    with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
+        metrics = [json.loads(line) for line in f]
+    problems = _differences_from_the_run(sample, {"output": output, "metrics": metrics, "eval": ""})
+    assert not problems, "docs/launcher.md (compiled):\n  " + "\n  ".join(problems) + "\n\nfresh run:\n" + output
