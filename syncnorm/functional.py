@@ -194,7 +194,10 @@ def _check_heads(heads: List[List[float]], identity: LayerIdentity, process_grou
     """Raise when a gathered head shows an invalid input, another layer or another channel count;
     return the counts."""
     counts = [head[0] for head in heads]
-    _raise_if_any_rank_invalid(counts, process_group)
+    if stats.INVALID_COUNT in counts:
+        ranks = comm.group_ranks(process_group)
+        names = ", ".join(str(rank) for rank, count in zip(ranks, counts) if count == stats.INVALID_COUNT)
+        raise ValueError(f"SyncBatchNorm got an invalid input on rank(s) {names} {_STOP_HERE}")
     problem = gather_mismatch([head[2:HEAD] for head in heads], identity, lambda: comm.group_ranks(process_group),
                               phase)
     if problem is not None:
@@ -251,11 +254,7 @@ def _assert_counts_on_device(counts: Tensor, total: Tensor) -> None:
     On CPU (compiled) they raise ``RuntimeError`` with the message when the step runs; on CUDA they
     are device-side asserts that surface at the next synchronizing call.
     """
-    _assert_no_invalid_rank(
-        counts,
-        "SyncBatchNorm got an invalid input on another rank (see the error on that rank); "
-        "all ranks stop here instead of waiting for it",
-    )
+    _assert_no_invalid_rank(counts, f"SyncBatchNorm got an invalid input on another rank {_STOP_HERE}")
     torch._assert_async(total != 1, _one_value_message("got "))
 
 
@@ -264,15 +263,7 @@ def _assert_no_invalid_rank(counts: Tensor, message: str) -> None:
     torch._assert_async((counts != stats.INVALID_COUNT).all(), message)
 
 
-def _raise_if_any_rank_invalid(counts: List[float], process_group: comm.ProcessGroup) -> None:
-    """Raise on this rank when another rank flagged its input as invalid in the gather."""
-    if stats.INVALID_COUNT in counts:
-        ranks = comm.group_ranks(process_group)
-        names = ", ".join(str(ranks[i]) for i, count in enumerate(counts) if count == stats.INVALID_COUNT)
-        raise ValueError(
-            f"SyncBatchNorm got an invalid input on rank(s) {names} (see the error on that rank); "
-            "all ranks stop here instead of waiting for it"
-        )
+_STOP_HERE = "(see the error on that rank); all ranks stop here instead of waiting for it"
 
 
 def _expected_channels(*tensors: Optional[Tensor]) -> Optional[int]:

@@ -93,6 +93,11 @@ def test_convert_root_shared_layers_and_torch_syncbatchnorm():
     converted = syncnorm.convert_sync_batchnorm(model)
     assert converted["a"][0] is converted["b"][1]  # still one layer, converted once
 
+    # Named by its smallest path, whatever order the parents registered it in (issue 27).
+    for order in (["a", "b"], ["b", "a"]):
+        model = nn.ModuleDict({name: nn.Sequential(shared) for name in order})
+        assert syncnorm.convert_sync_batchnorm(model)["a"][0]._identity.name == "'a.0'"
+
     from_torch = syncnorm.convert_sync_batchnorm(nn.Sequential(nn.SyncBatchNorm(3)))
     assert type(from_torch[0]) is syncnorm.SyncBatchNorm
     # torch's SyncBN has no "plain" class to go back to: it reverts to a BatchNorm taking 2D-5D input.
