@@ -46,7 +46,7 @@ def is_recompute(like: Tensor) -> Union[bool, Tensor]:
 
 
 def _in_backward_tensor(like: Tensor) -> Tensor:
-    return torch.tensor(in_backward(), device=like.device)
+    return torch.full((), in_backward(), dtype=torch.bool, device=like.device)  # a fill, no host-to-device copy
 
 
 def _in_backward_meta(like: Tensor) -> Tensor:

@@ -118,7 +118,7 @@ def _functional_group(group: ProcessGroup):
 # runs the backward of CUDA tensors (and reentrant checkpoints' recomputes) on its own threads, which see
 # no route: a caller whose backward communicates passes the route its forward saw (``current_route()``
 # then) to ``start_sum_across_ranks``/``sum_across_ranks``, so the backward goes where its forward went
-# (functional.py; a recompute takes its layer's forward's, _recompute.py). Side groups are kept per
+# (functional.py; a recompute there follows its model's route: ``follow``, join.py). Side groups are kept per
 # default process group: a ``destroy_process_group`` and a new ``init_process_group`` start with none.
 
 
