@@ -448,7 +448,7 @@ def _join_case(rank, world_size, use_reentrant):
 
 
 def test_checkpointing_inside_syncnorm_join_equals_join_without_it():
-    # join's stand-in repeats the synced collectives it saw in an iteration: a recompute sends none.
+    # join's stand-in repeats the synced collectives it saw in an iteration, a recompute's gather as a recompute.
     plain = run_ranks(_join_case, 2, None, timeout=TIMEOUT, pg_timeout=60.0)
     for use_reentrant in (True, False):
         for rank, (outputs, state) in enumerate(run_ranks(_join_case, 2, use_reentrant, timeout=TIMEOUT,

@@ -388,9 +388,9 @@ def _backward_in_thread_rank(rank, world, epochs, checkpointed=False):
 
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
 def test_backward_on_another_thread_follows_its_forward(checkpointed):
-    # Needs the Function to keep its forward's route (ctx.route = comm.current_route(); a recompute the
-    # route its layer's forward kept) and pass it to every collective of its backward (route=ctx.route);
-    # without it the sums miss the side group and the ranks time out.
+    # Needs the Function to keep its forward's route (ctx.route = comm.current_route()) and pass it to every
+    # collective of its backward (route=ctx.route), and a recompute on that thread to follow the model's
+    # route (join's layer hook, comm.follow); without them the collectives miss the side group and time out.
     results = run_ranks(_backward_in_thread_rank, 2, TWO_RANKS, checkpointed, timeout=120, pg_timeout=20)
     _check(results, _reference(TWO_RANKS, 2))
 
