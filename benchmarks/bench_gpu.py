@@ -13,6 +13,13 @@ Columns (every one in a 1-rank NCCL group, so the synced ones send real collecti
                            are sent too.
 * ``syncnorm_compiled`` -- the same layer under ``torch.compile(fullgraph=True)``.
 
+Memory (issue 28): a stack of six conv3x3 -> norm -> LeakyReLU(0.01) blocks (64 channels, batch 32,
+56x56; dry: 8 channels, batch 2, 8x8), one training step with ``syncnorm+act`` (syncnorm's Function, then
+``LeakyReLU(inplace=True)``) against ``syncnorm_act`` (``syncnorm.SyncBatchNormActFunction``, which keeps only
+its output for backward): ``saved MiB``, the unique storages autograd keeps (``saved_tensors_hooks``);
+``peak MiB``, ``torch.cuda.max_memory_allocated`` during the step above what was allocated before it
+(n/a on the CPU); ``ms/step``.
+
 Per layer: ResNet-50's batch-norm shapes at batch 32, NCHW and channels_last (NHWC), float32 and
 bfloat16 input (float32 parameters, as in mixed precision), input requiring grad, a fresh input gradient
 every call. Training step: ResNet-50, batch 64, 224x224, bf16 autocast, channels_last, SGD with
@@ -48,9 +55,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402
+from bench_memory import step_memory  # noqa: E402
 
 import syncnorm  # noqa: E402
 from syncnorm import comm, functional  # noqa: E402
+from syncnorm._identity import FUNCTIONAL  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["bn", "torch_syncbn", "syncnorm", "syncnorm_compiled"]
@@ -98,6 +107,16 @@ class SyncnormBN(_SyncedAtOneRank):
     def _synced(self, input):
         return syncnorm.SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, self.momentum, None,
+        )
+
+
+class SyncnormBNAct(_SyncedAtOneRank):
+    """syncnorm's fused batch norm + LeakyReLU(0.01) Function: what syncnorm.SyncBatchNormAct runs when it syncs."""
+
+    def _synced(self, input):
+        return syncnorm.act.SyncBatchNormActFunction.apply(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, self.momentum, None,
+            FUNCTIONAL, "leaky_relu", 0.01, False,
         )
 
 
@@ -219,6 +238,44 @@ def train_runs(device: torch.device, dry: bool, backend: str):
     return runs, setup
 
 
+MEMORY_VARIANTS = {"syncnorm+act": SyncnormBN, "syncnorm_act": SyncnormBNAct}
+
+
+def memory_rows(device: torch.device, dry: bool, timer: "Timer", args) -> dict:
+    """Saved-for-backward bytes, peak memory and time of one training step of the six-block stack."""
+    channels, shape = (8, (2, 8, 8, 8)) if dry else (64, (32, 64, 56, 56))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    rows, runs = {}, {}
+    for variant, norm_class in MEMORY_VARIANTS.items():
+        torch.manual_seed(0)
+        layers: List[nn.Module] = []
+        for _ in range(6):
+            norm = nn.BatchNorm2d(channels)
+            norm.__class__ = norm_class
+            layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm]
+            if norm_class is SyncnormBN:
+                layers.append(nn.LeakyReLU(0.01, inplace=True))
+        model = nn.Sequential(*layers).to(device)
+
+        def run(model=model):
+            model.zero_grad(set_to_none=True)
+            model(x.clone()).sum().backward()
+
+        run()  # warm-up: cuDNN's choices and workspaces, the allocator's first blocks
+        model.zero_grad(set_to_none=True)
+        saved, peak = step_memory(model, x)
+        rows[variant] = {"saved_bytes": saved, "peak_bytes": peak}
+        runs[variant] = run
+    times = measure(runs, timer, args.rounds, args.warmup)
+    for variant, summary in times.items():
+        rows[variant]["times"] = summary
+    base, fused = rows["syncnorm+act"], rows["syncnorm_act"]
+    ratios_of = {"saved": fused["saved_bytes"] / base["saved_bytes"],
+                 "peak": fused["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None}
+    return {"setup": {"blocks": 6, "input": list(shape), "activation": "LeakyReLU(0.01)"}, "rows": rows,
+            "fused_over_separate": ratios_of}
+
+
 def meta(device: torch.device, args) -> dict:
     def nccl_version():
         try:
@@ -257,6 +314,8 @@ def write_json(result: dict, path: str) -> None:
     for row in slim["layers"] + ([slim["train_step"]] if slim.get("train_step") else []):
         for summary in row["times"].values():
             summary.pop("samples_ms", None)
+    for row in (slim.get("memory") or {}).get("rows", {}).values():
+        row["times"].pop("samples_ms", None)
     tables_path = os.path.splitext(path)[0] + ".md"
     for target, text in ((path, json.dumps(slim, indent=1)), (tables_path, tables(result) + "\n")):
         with open(target + ".tmp", "w") as f:
@@ -298,6 +357,19 @@ def tables(result: dict) -> str:
             lines.append(f"| {HEADINGS[variant]} | {cell(summary)} | {images} | "
                          f"{ratio_cell(train['ratios_vs_bn'], variant, 'bn')} | "
                          f"{ratio_cell(train['ratios_vs_torch_syncbn'], variant, 'torch_syncbn')} |")
+    memory = result.get("memory")
+    if memory:
+        mib = lambda value: "n/a" if value is None else f"{value / 2 ** 20:.2f}"  # noqa: E731
+        setup = memory["setup"]
+        lines += ["", f"Memory: {setup['blocks']} conv3x3 -> norm -> {setup['activation']} blocks, input "
+                  f"({', '.join(map(str, setup['input']))}), one training step", "",
+                  "| variant | saved MiB | peak MiB | ms/step |", "|---|---:|---:|---:|"]
+        for variant, row in memory["rows"].items():
+            lines.append(f"| {variant} | {mib(row['saved_bytes'])} | {mib(row['peak_bytes'])} | "
+                         f"{cell(row['times'])} |")
+        ratio = memory["fused_over_separate"]
+        lines.append(f"| syncnorm_act / syncnorm+act | {ratio['saved']:.2f} | "
+                     f"{'n/a' if ratio['peak'] is None else format(ratio['peak'], '.2f')} | |")
     return "\n".join(lines)
 
 
@@ -357,8 +429,9 @@ def parse_args(argv=None):
     parser.add_argument("--train-warmup", type=int, default=None, help="warm-up training steps (default 5; dry 1)")
     parser.add_argument("--time-budget", type=float, default=0.0,
                         help="seconds; later rows are skipped (and say so) once it is spent; 0: no limit")
-    parser.add_argument("--skip-layers", action="store_true", help="only the training step")
-    parser.add_argument("--skip-train", action="store_true", help="only the per-layer table")
+    parser.add_argument("--skip-layers", action="store_true", help="leave out the per-layer table")
+    parser.add_argument("--skip-train", action="store_true", help="leave out the training step")
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the memory table")
     args = parser.parse_args(argv)
     defaults = {"rounds": (100, 3), "warmup": (10, 1), "train_rounds": (20, 2), "train_warmup": (5, 1)}
     for name, (full, dry) in defaults.items():
@@ -387,7 +460,7 @@ def main(argv=None) -> int:
     functional._HOST_READS = False  # on the CPU too, the path CUDA tensors take
     expected = (NotImplementedError,) if args.dry else ()  # torch's SyncBN kernels on the CPU
     timer = Timer(device)
-    result = {"meta": meta(device, args), "layers": [], "train_step": None, "skipped": []}
+    result = {"meta": meta(device, args), "layers": [], "train_step": None, "memory": None, "skipped": []}
     print(f"bench_gpu: {result['meta']['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"NCCL {result['meta']['nccl']}, {'DRY RUN on the CPU' if args.dry else 'CUDA events'}", flush=True)
     out_of_time = lambda: args.time_budget and time.monotonic() - started > args.time_budget  # noqa: E731
@@ -409,6 +482,12 @@ def main(argv=None) -> int:
             write_json(result, args.out)
             failures += unexpected_errors(f"layer {label}", times, args.dry)
             print(f"layer {label}: " + ", ".join(f"{name} {cell(s)}" for name, s in times.items()), flush=True)
+        if not args.skip_memory:
+            if out_of_time():
+                result["skipped"].append("memory: time budget spent")
+            else:
+                result["memory"] = memory_rows(device, args.dry, timer, args)
+                write_json(result, args.out)
         if not args.skip_train:
             if out_of_time():
                 result["skipped"].append("training step: time budget spent")

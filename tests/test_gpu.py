@@ -191,6 +191,52 @@ def test_join_on_one_device_matches_one_process():
     _check(run_ranks(_join_on_one_device, 2, DEVICE, timeout=TIMEOUT), _reference(TWO_RANKS, 2))
 
 
+def _fused_on_one_device(rank, world_size, device):
+    from test_act import _train_rank
+
+    _prepare(rank, device, "gloo")
+    return _train_rank(rank, world_size, [3, 5], torch.float64, True, "cuda:0" if device == "cuda" else "cpu")
+
+
+def _fused_memory(rank, world_size, device):
+    """One training step of six conv3x3 -> norm -> LeakyReLU(0.01) blocks, (8, 32, 32, 32) per rank:
+    saved-for-backward bytes (unique storages) and, on CUDA, the step's peak memory above its start."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_memory import step_memory
+
+    target = torch.device(device if device != "cuda" else "cuda:0")
+    x = torch.randn(8, 32, 32, 32, device=target)
+    result = {}
+    for name in ("separate", "fused"):
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(6):
+            layers.append(nn.Conv2d(32, 32, 3, padding=1, bias=False))
+            layers += ([syncnorm.SyncBatchNormAct(32)] if name == "fused" else
+                       [syncnorm.SyncBatchNorm(32), nn.LeakyReLU(0.01, inplace=True)])
+        model = nn.Sequential(*layers).to(target)
+        model(x.clone()).sum().backward()  # warm-up
+        model.zero_grad(set_to_none=True)
+        result[name] = step_memory(model, x)
+    return result
+
+
+@needs_device
+def test_fused_norm_act_on_one_device_matches_and_keeps_less():
+    """Issue 28 on the device: SyncBatchNormAct on 2 gloo ranks sharing the device (float64, channels_last,
+    uneven batches) equals BatchNorm + the activation with the same weight rule on the global batch, and a
+    training step of the six-block stack keeps at most 0.56x the saved bytes of SyncBatchNorm +
+    LeakyReLU(inplace=True), and on CUDA reaches a lower peak (torch.cuda.max_memory_allocated)."""
+    from test_act import _check_ranks
+
+    _check_ranks(run_ranks(_fused_on_one_device, 2, DEVICE, timeout=TIMEOUT), [3, 5])
+    for rank, result in enumerate(run_ranks(_fused_memory, 2, DEVICE, timeout=TIMEOUT)):
+        (separate, separate_peak), (fused, fused_peak) = result["separate"], result["fused"]
+        assert fused <= 0.56 * separate, (rank, fused, separate)
+        if DEVICE == "cuda":
+            assert fused_peak < separate_peak, (rank, fused_peak, separate_peak)
+
+
 # --- (b) the synced training step: 1 NCCL rank (forced to sync), or 2 GPUs -------------------------
 
 
@@ -433,6 +479,11 @@ def test_gpu_check_script_dry_run_writes_its_logs_and_tables(tmp_path):
 
     result = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert result["meta"]["dry"] is True
+    memory = result["memory"]  # issue 28's table: saved bytes everywhere, the peak on CUDA only (n/a here)
+    assert set(memory["rows"]) == {"syncnorm+act", "syncnorm_act"}
+    assert all(row["saved_bytes"] > 0 and row["peak_bytes"] is None for row in memory["rows"].values())
+    assert memory["fused_over_separate"]["saved"] < 1
+    assert "| syncnorm_act | " in (tmp_path / "bench_gpu.md").read_text()
     variants = {"bn", "torch_syncbn", "syncnorm", "syncnorm_compiled"}
     for row in result["layers"] + [result["train_step"]]:
         assert set(row["times"]) == variants, row
