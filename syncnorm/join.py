@@ -117,7 +117,10 @@ class CollectiveRecorder:
                     with torch.no_grad(), as_recompute() if recompute else contextlib.nullcontext():
                         layer(torch.empty((0,) + shape[1:], dtype=dtype, device=device))
                 elif event[0] == "gather":  # a sync_batch_norm call outside a layer: an empty batch's packet
-                    comm.all_gather(stats.empty_share(event[1]), event[2])
+                    _, packet, group = event
+                    # Not a width request (the group agreed its width in an iteration that every rank ran).
+                    if packet[0].item() != stats.WIDTH_REQUEST:
+                        comm.all_gather(stats.empty_share(packet, comm.packet_width(group, packet.numel())), group)
                 else:  # a backward sum: zeros are an empty rank's share
                     _, numel, dtype, device, group = event
                     comm.sum_across_ranks(torch.zeros(numel, dtype=dtype, device=device), group)
@@ -149,8 +152,8 @@ class CollectiveRecorder:
         if self._replaying or self.events is None:
             return
         if self._call is not None:
-            # One event per layer call, whatever it sends (its first call adds the channel-count
-            # check): the replayed call sends it again, deciding as the layer does.
+            # One event per layer call, whatever it sends (a wider layer's first call adds a width
+            # request): the replayed call sends it again, deciding as the layer does.
             if not self._call_recorded:
                 self.events.append(("layer",) + self._call)
                 self._call_recorded = True

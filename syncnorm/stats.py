@@ -94,12 +94,13 @@ def pack_synced(count: float, mean: Tensor, var: Tensor, tail: Tensor) -> Tensor
     return torch.cat((mean.new_full((1,), count), tail, mean, var))
 
 
-def empty_share(packet: Tensor) -> Tensor:
-    """What an empty batch of the same layer and phase sends, from a ``pack_synced`` packet: count, mean
-    and variance zero; channel count, identity and padding kept (``syncnorm.join``'s stand-in)."""
-    share = packet.clone()
-    share[0] = 0
-    share[share.numel() - 2 * int(packet[1]) :] = 0
+def empty_share(packet: Tensor, width: int) -> Tensor:
+    """What an empty batch of the same layer and phase sends in a packet of ``width`` floats, from a
+    ``pack_synced`` packet: count, mean and variance zero; channel count and identity kept
+    (``syncnorm.join``'s stand-in; its recorded packet may be narrower than the group's packets now)."""
+    head = packet.numel() - 2 * int(packet[1])  # count, channel count, identity, padding
+    share = packet.new_zeros(width)
+    share[1:head] = packet[1:head]
     return share
 
 
