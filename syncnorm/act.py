@@ -157,8 +157,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         nothing = (None,) * 11
         if output is None:
-            zeros = torch.zeros(grad_output.size(1), dtype=stats.stats_dtype(grad_output.dtype),
-                                device=grad_output.device)
+            zeros = torch.zeros(grad_output.size(1), dtype=ctx.param_dtype, device=grad_output.device)
             return (grad_output.mul(0) if need_input else None, zeros if need_weight else None,
                     zeros.clone() if need_bias else None) + nothing
         z, grad_z = invert(output, grad_output, ctx.activation, ctx.param, var.dtype)
