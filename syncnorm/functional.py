@@ -70,24 +70,27 @@ class SyncBatchNormFunction(torch.autograd.Function):
             count, mean, var, process_group, identity, host_reads_allowed(input), input.shape, recompute
         )
         ctx.total = total
+        # The backward's tail travels as a saved tensor: a constant made in a compiled backward can come
+        # from a trace of another layer (measured: a compiled layer after others failed its check).
+        tail = identity.tail(mean, 1)
         if global_mean is None:
             # Every rank's batch is empty: nothing to normalize, and the running statistics stay as
             # they are (as in BatchNorm). Every rank knows this, so backward sends no sums.
-            ctx.save_for_backward(input, weight, None, None)
+            ctx.save_for_backward(input, weight, None, None, tail)
             return torch.empty_like(input)
         if isinstance(recompute, Tensor):  # decided when the compiled graph runs: a zero weight then
             momentum = (~recompute).to(global_mean.dtype) * momentum
         if recompute is not True:
             stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
         # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
-        ctx.save_for_backward(input, weight, global_mean, global_var)
+        ctx.save_for_backward(input, weight, global_mean, global_var, tail)
         return stats.normalize(input, global_mean, global_var, weight, bias, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs_input_grad[:3]
-        input, weight, mean, var = ctx.saved_tensors
+        input, weight, mean, var, tail = ctx.saved_tensors
         nothing = (None,) * 7
         if isinstance(ctx.total, int) and ctx.total == 0:  # known on the host: no sums to send
             zeros = None if weight is None else torch.zeros_like(weight)
@@ -105,7 +108,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # Every rank knows whether its input needs a gradient (the model is the same on all of
             # them), so the collective is skipped consistently, e.g. for a first layer fed data.
             finish_sums = start_global_grad_sums(
-                sum_dy, grad_weight_local, ctx.identity, ctx.process_group, ctx.route
+                sum_dy, grad_weight_local, ctx.identity, ctx.process_group, ctx.route, tail
             )
             # Everything that needs no other rank's data runs while the sums are in flight.
             scales = stats.input_grad_scales(input, var, ctx.eps, weight, ctx.total)
@@ -211,17 +214,21 @@ def _check_heads(heads: List[List[float]], identity: LayerIdentity, process_grou
 
 def start_global_grad_sums(
     sum_dy: Tensor, sum_dy_xmu: Tensor, identity: LayerIdentity, process_group: comm.ProcessGroup,
-    route: Optional[comm.Route] = None,
+    route: Optional[comm.Route] = None, tail: Optional[Tensor] = None,
 ) -> Callable[[], Tensor]:
     """Start the all-rank sum of the per-channel ``sum_dy`` and ``sum_dy_xmu`` (any per-channel pair of
     the same length and dtype) and return a function that waits for it and returns ``[sum_dy...,
     sum_dy_xmu...]`` summed over ranks, after checking on every rank that all of them sent ``identity``'s
     backward. Exactly one collective, as wide as the forward's gather; all ranks must call it.
-    ``route``: the forward's ``comm.current_route()``."""
+    ``route``: the forward's ``comm.current_route()``; ``tail``: ``identity.tail(like, 1)`` saved in
+    the forward (needed in a compiled backward)."""
     channels = sum_dy.numel()
     needed = HEAD + 2 * channels
     width = max(needed, identity.width or 0) if is_compiling() else comm.packet_width(process_group, needed)
-    head = identity.tail(sum_dy, 1, pad=width - needed)
+    if tail is None or not is_compiling():
+        head = identity.tail(sum_dy, 1, pad=width - needed)
+    else:
+        head = torch.cat([tail, tail.new_zeros(width - needed)])
     finish = comm.start_sum_across_ranks(torch.cat([head, sum_dy, sum_dy_xmu]), process_group, route)
 
     def finish_and_check() -> Tensor:
