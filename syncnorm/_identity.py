@@ -13,9 +13,6 @@ stand-in replays a sum as zeros) adds nothing and keeps the check valid.
 every rank that converts the same model), else its construction order in the process. Layers the model
 walkers build for a moment, or build and then name (``unnumbered``), take no construction number, so
 a walk that runs on one rank only (an export's ``revert_sync_batchnorm``) shifts no other layer's key.
-
-The forward tail is led by the layer's channel count ``C`` (``[C, 1, d0, ...]``), so that ranks that built
-different models get an error naming the counts.
 """
 
 import contextlib

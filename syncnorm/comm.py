@@ -7,11 +7,7 @@ What goes over the wire per SyncBatchNorm layer and training step:
 * backward: one sum of a packet as wide (identity tail, ``sum_dy``, ``invstd * sum_dy_xmu``) across
   ranks, an all_gather + local sum on CPU for up to ``GATHER_SUM_MAX_WORLD`` ranks, an all_reduce otherwise;
 * when a layer wider than any before on its group first syncs: one ``all_gather`` of a header at the
-  group's old width (a width request, ``functional._packet_width``).
-
-Every packet of a group has the group's width (the widest layer's ``2C + 9`` floats), so that ranks
-that reached different layers, or built different models, meet in a collective that completes and get
-an error naming the layers or the counts, instead of gloo aborting the process.
+  group's old width (a width request, ``functional._packet_width``; see ``_WIDTHS`` for why).
 
 Under ``torch.compile`` the same two collectives are issued as functional collectives
 (``torch.distributed._functional_collectives``), which dynamo traces into the graph; eager code uses
