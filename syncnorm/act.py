@@ -126,7 +126,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(input)
         if mean is None:  # every rank's batch is empty (known on the host): backward sends nothing
-            ctx.save_for_backward(None, None, None, None, None)
+            ctx.save_for_backward(None, None, None, None, None, None)
             return input if inplace else torch.empty_like(input)
         if isinstance(recompute, Tensor):  # decided when a compiled graph runs: a zero weight then
             momentum = (~recompute).to(mean.dtype) * momentum
@@ -147,13 +147,14 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         else:
             output = stats.normalize(input, mean, var, weight, bias, eps)
         activate_(output, activation, param)
-        ctx.save_for_backward(output, weight, bias, var, sign)
+        # The backward's identity tail travels as a saved tensor (see SyncBatchNormFunction.forward).
+        ctx.save_for_backward(output, weight, bias, var, sign, identity.tail(mean, 1))
         return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        output, weight, bias, var, sign = ctx.saved_tensors
+        output, weight, bias, var, sign, tail = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         nothing = (None,) * 11
         if output is None:
@@ -164,7 +165,8 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         sum_dz, sum_dz_xhat = normalized_sums(z, grad_z, weight, bias)
         grad_input = None
         if need_input:  # every rank knows this: the collective is skipped on all or none
-            finish = start_global_grad_sums(sum_dz, sum_dz_xhat, ctx.identity, ctx.process_group, ctx.route)
+            finish = start_global_grad_sums(
+                sum_dz, sum_dz_xhat, ctx.identity, ctx.process_group, ctx.route, tail)
             grad_input = input_grad(z, grad_z, weight, bias, var, ctx.eps, ctx.total, finish(), z is not output)
             grad_input = stats.as_dtype(grad_input, output.dtype)
         # Local, as in SyncBatchNorm: DDP averages parameter gradients.

@@ -118,7 +118,7 @@ def test_only_the_output_and_per_channel_tensors_are_saved():
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             out = fn(x * 1)
-        return out, {(t.untyped_storage().data_ptr(), t.numel()) for t in seen if t.numel() > 3}
+        return out, {(t.untyped_storage().data_ptr(), t.numel()) for t in seen if t.dim() > 1}  # activation-sized: not per-channel
 
     plain = nn.Sequential(nn.BatchNorm2d(3), nn.LeakyReLU(0.01))
     _, plain_saved = saved(plain)
