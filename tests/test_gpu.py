@@ -459,6 +459,7 @@ def test_two_nccl_ranks_synced_step_checks():
 # --- the GPU check script itself, in its dry mode (what CI runs of this file) ------------------------
 
 
+@pytest.mark.slow  # this file's tests and the GPU benchmark in dry mode: CI's slow step
 @pytest.mark.skipif(os.environ.get("SYNCNORM_GPU_CHECK") == "1", reason="runs inside gpu_check.sh itself")
 @pytest.mark.skipif(not COMPILE_OK, reason=f"the GPU machine's torch compiles; this is {torch.__version__}")
 def test_gpu_check_script_dry_run_writes_its_logs_and_tables(tmp_path):
