@@ -27,6 +27,8 @@ Fair-shot rules, identical for every norm:
     python benchmarks/small_batch_study.py --world-size 4   # oversubscribes a 2-core box, slow
     python benchmarks/small_batch_study.py --norms bn-precise --no-reference --keep-results --update-results
                                                       # one column added to the committed results
+    python benchmarks/small_batch_study.py --norms syncbn_act --no-reference --keep-results --update-results
+                                                      # SyncBatchNormAct (LeNet with LeakyReLU), likewise
 
 Results: a rich table on stdout and, under ``runs/benchmarks/`` (``--update-results``: the committed
 ``benchmarks/results/``), ``small_batch_study.json`` (every run), ``small_batch_study.md`` (mean +- std
@@ -56,7 +58,8 @@ ROOT = os.path.dirname(HERE)
 CONFIG = os.path.join(ROOT, "configs", "lenet.yaml")
 REF = "bn-global"  # the reference: bn, 1 process, batch W*b
 PRECISE = "bn-precise"  # local bn training, then exact statistics over the whole training set
-LABELS = {"bn": "bn (local, per rank)", PRECISE: "bn + precise BN", "syncbn": "syncbn", "gn": "gn",
+LABELS = {"bn": "bn (local, per rank)", PRECISE: "bn + precise BN", "syncbn": "syncbn",
+          "syncbn_act": "syncbn_act (LeakyReLU)", "gn": "gn",
           "ln": "ln", "none": "none", REF: "bn, 1 process, batch W*b"}
 ORDER = list(LABELS)  # column order of the tables and the plot
 # train.precise_bn_batches of the precise config: more than any epoch has, so the pass covers every
@@ -79,11 +82,13 @@ def train_once(norm: str, batch: int, seed: int, global_batch: int, args: argpar
     start = time.perf_counter()
     try:
         precise = ALL_BATCHES if norm == PRECISE else 0
+        # syncbn_act fuses BatchNorm with a LeakyReLU (SyncBatchNormAct): LeNet is built with that activation.
+        act = ["model.act=leaky_relu"] if norm == "syncbn_act" else []
         cfg = load_config(CONFIG, [
             f"model.norm={'bn' if norm == PRECISE else norm}", f"train.precise_bn_batches={precise}",
             "data.name=mnist5k", f"train.batch_size={batch}", f"train.epochs={args.epochs}",
             f"train.lr={lr!r}", "train.momentum=0.9", "train.weight_decay=0.0005", "train.schedule=cosine",
-            f"train.seed={seed}", "train.keep_checkpoints=1", f"output_dir={out_dir}",
+            f"train.seed={seed}", "train.keep_checkpoints=1", f"output_dir={out_dir}", *act,
         ])
         result = train(cfg, reporter=Reporter(enabled=False))
     finally:
@@ -163,7 +168,7 @@ def plot(summary: Dict, norms: Sequence[str], batches: Sequence[int], world_size
     import matplotlib.pyplot as plt
 
     styles = {"bn": ("tab:red", "o", "-"), PRECISE: ("tab:orange", "D", ":"), "syncbn": ("tab:blue", "s", "-"),
-              "gn": ("tab:green", "^", "-"), REF: ("black", "x", "--")}
+              "syncbn_act": ("tab:purple", "v", "-."), "gn": ("tab:green", "^", "-"), REF: ("black", "x", "--")}
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     for i, norm in enumerate(norms):
         rows = summary.get(norm, {})
@@ -224,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", nargs="+", type=int, default=[2, 4, 8, 32], help="per-rank batch sizes")
     p.add_argument("--norms", nargs="+", default=["bn", PRECISE, "syncbn", "gn"],
-                   choices=["bn", PRECISE, "syncbn", "gn", "ln", "none"],
+                   choices=["bn", PRECISE, "syncbn", "syncbn_act", "gn", "ln", "none"],
                    help=f"configs of the multi-rank runs ({PRECISE}: bn, then train.precise_bn_batches over the "
                         "whole training set before each evaluation)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
