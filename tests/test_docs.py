@@ -625,18 +625,13 @@ def _sample(key):
 @pytest.mark.slow
 def test_the_uneven_shard_sample_matches_a_fresh_run(tmp_path):
     """training_loops.md's 3-rank uneven-shard run, run as the page shows it."""
-    from trainkit import free_port, run_in_session
+    from trainkit import free_port
     sample = _sample(("docs/training_loops.md", "run dir runs/uneven\n"))
     command = next(c for c in _commands(_read(os.path.join(ROOT, "docs", "training_loops.md")))
                    if "data.shard=uneven" in c and c.startswith("torchrun"))
     argv = command.replace("torchrun", f"torchrun --master_port={free_port()}", 1).split()
     argv = [os.path.join(os.path.dirname(sys.executable), argv[0]), *argv[1:], "--set", f"output_dir={tmp_path}/run"]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    output = run_in_session(argv, ROOT, env, 600, "training_loops.md's uneven run")
-    with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
-        metrics = [json.loads(line) for line in f]
-    problems = _differences_from_the_run(sample, {"output": output, "metrics": metrics, "eval": ""})
-    assert not problems, "docs/training_loops.md:\n  " + "\n  ".join(problems) + "\n\nfresh run:\n" + output
+    _assert_a_fresh_run_matches(sample, argv, tmp_path / "run", 600, "docs/training_loops.md")
 
 
 @pytest.mark.slow
@@ -677,15 +672,21 @@ def test_the_ctrl_c_sample_matches_a_fresh_run(tmp_path):
 @pytest.mark.slow  # about 2 minutes on 2 cores, most of it compiling
 def test_the_compiled_sample_matches_a_fresh_run(tmp_path):
     """launcher.md's compiled run (the command its text gives): the same rows (the compile time aside)."""
-    from trainkit import free_port, run_in_session
+    from trainkit import free_port
     sample = _sample(("docs/launcher.md", "compiled in "))
     command = re.search(r"`(torchrun --nproc_per_node=2 launch/train\.py [^`]*train\.compile=true[^`]*)`",
                         _read(os.path.join(ROOT, "docs", "launcher.md"))).group(1).split()
     command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), f"--master_port={free_port()}",
                *[a for a in command[1:] if not a.startswith("output_dir=")], f"output_dir={tmp_path}/run"]
+    _assert_a_fresh_run_matches(sample, command, tmp_path / "run", 900, "docs/launcher.md (compiled)")
+
+
+def _assert_a_fresh_run_matches(sample, argv, run_dir, timeout, page):
+    """Run ``argv`` (a launcher run writing to ``run_dir``) and compare its printout and metrics with ``sample``."""
+    from trainkit import run_in_session
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    output = run_in_session(command, ROOT, env, 900, "launcher.md's compiled run")
-    with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
+    output = run_in_session(argv, ROOT, env, timeout, f"{page}'s run")
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
         metrics = [json.loads(line) for line in f]
     problems = _differences_from_the_run(sample, {"output": output, "metrics": metrics, "eval": ""})
-    assert not problems, "docs/launcher.md (compiled):\n  " + "\n  ".join(problems) + "\n\nfresh run:\n" + output
+    assert not problems, f"{page}:\n  " + "\n  ".join(problems) + "\n\nfresh run:\n" + output
