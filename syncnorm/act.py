@@ -27,6 +27,7 @@ from syncnorm._identity import unnumbered
 from syncnorm._recompute import is_recompute
 from syncnorm.functional import (
     gather_global_stats, host_reads_allowed, input_error, start_global_grad_sums, sync_batch_norm,
+    update_running_stats_once,
 )
 from syncnorm.module import SyncBatchNorm
 
@@ -128,10 +129,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         if mean is None:  # every rank's batch is empty (known on the host): backward sends nothing
             ctx.save_for_backward(None, None, None, None, None, None)
             return input if inplace else torch.empty_like(input)
-        if isinstance(recompute, Tensor):  # decided when a compiled graph runs: a zero weight then
-            momentum = (~recompute).to(mean.dtype) * momentum
-        if recompute is not True:  # a checkpoint's recompute syncs again but counts the step once
-            stats.update_running_stats(running_mean, running_var, mean, var, total, momentum)
+        update_running_stats_once(running_mean, running_var, mean, var, total, momentum, recompute)
         # The weight gradient is the effective weight's, times d(effective)/d(weight): 1 (straight through)
         # or, with abs_weight, the weight's sign.
         sign = weight.detach().sign() if abs_weight and weight is not None else None

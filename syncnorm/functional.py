@@ -78,10 +78,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # they are (as in BatchNorm). Every rank knows this, so backward sends no sums.
             ctx.save_for_backward(input, weight, None, None, tail)
             return torch.empty_like(input)
-        if isinstance(recompute, Tensor):  # decided when the compiled graph runs: a zero weight then
-            momentum = (~recompute).to(global_mean.dtype) * momentum
-        if recompute is not True:
-            stats.update_running_stats(running_mean, running_var, global_mean, global_var, total, momentum)
+        update_running_stats_once(running_mean, running_var, global_mean, global_var, total, momentum, recompute)
         # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
         ctx.save_for_backward(input, weight, global_mean, global_var, tail)
         return stats.normalize(input, global_mean, global_var, weight, bias, eps)
@@ -162,6 +159,17 @@ def gather_global_stats(
     if total == 0:
         return 0, None, None
     return (total,) + stats.combine_gathered(gathered, counts, channels)
+
+
+def update_running_stats_once(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
+                              var: Tensor, total: stats.Scalar, momentum: stats.Scalar,
+                              recompute: Union[bool, Tensor]) -> None:
+    """``stats.update_running_stats``, except in a checkpoint's recompute, which syncs again but counts the
+    step once (``recompute`` a tensor: decided when the compiled graph runs, as a zero weight then)."""
+    if isinstance(recompute, Tensor):
+        momentum = (~recompute).to(mean.dtype) * momentum
+    if recompute is not True:
+        stats.update_running_stats(running_mean, running_var, mean, var, total, momentum)
 
 
 def _forward_tail(identity: LayerIdentity, like: Tensor, channels: int, width: int, recompute) -> Tensor:
