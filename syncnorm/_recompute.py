@@ -1,11 +1,8 @@
 """Is a synced call an activation checkpoint's recompute? Decided from the autograd engine's state alone.
 
-Activation checkpointing (``torch.utils.checkpoint`` reentrant or not, the composable
-``checkpoint(module)``, a hand-written recompute Function) reruns a region's forward while the autograd
-engine runs a backward pass. Every rank recomputes the same checkpointed layers at the same point of its
-backward, so a recompute simply syncs again: its gather meets the other ranks' recomputes and gives the
-global result of the recomputed batches. It only must not count the step twice: a recompute leaves the
-running statistics and ``num_batches_tracked`` alone. Nothing here knows how a checkpoint is made.
+A recompute (any kind of checkpoint: it reruns a forward while the engine runs a backward) syncs again,
+meeting the other ranks' recomputes, but must not count the step twice: it leaves the running statistics
+and ``num_batches_tracked`` alone (docs/training_loops.md).
 """
 
 import contextlib

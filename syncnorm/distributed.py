@@ -1,20 +1,10 @@
 """The process group from the launcher's environment: torchrun's variables, or SLURM's under ``srun``.
 
-:func:`init_from_env` is the one call a training script needs under either launcher::
-
-    torchrun --nproc_per_node=2 train.py      # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
-    srun -N2 --ntasks-per-node=1 python train.py   # SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, ...
-
-Under ``srun`` (without torchrun) the ranks come from SLURM, the way Lightning's ``SLURMEnvironment`` and
-submitit read them: rank ``SLURM_PROCID``, world size ``SLURM_NTASKS``, local rank ``SLURM_LOCALID``, node
-``SLURM_NODEID``, the store on the first node of the step (``SLURM_STEP_NODELIST``: a step may run on a
-part of the job's nodes, and task 0 is on the step's first node), at a port derived from ``SLURM_JOB_ID``.
-``MASTER_ADDR`` / ``MASTER_PORT``, when set, win. torchrun's variables win over SLURM's (``srun torchrun``
-in a batch script keeps working). :func:`torchrun_environment` turns SLURM's variables into torchrun's,
-so code written for torchrun (``os.environ["LOCAL_RANK"]``) runs unchanged.
-
-:func:`sync_groups` builds the process groups of consecutive ranks (e.g. one per node) that synced
-layers can sync within instead of across all ranks.
+:func:`init_from_env` is the one call a training script needs under either launcher (``torchrun ...
+train.py`` or ``srun python train.py``); :func:`torchrun_environment` turns SLURM's variables into
+torchrun's, so code written for torchrun runs unchanged (which variable comes from where, and what wins:
+docs/multinode.md#slurm). :func:`sync_groups` builds the process groups of consecutive ranks (e.g. one per
+node) that synced layers can sync within instead of across all ranks.
 """
 
 import os
@@ -100,19 +90,10 @@ def torchrun_environment(environ: Optional[Mapping[str, str]] = None) -> Dict[st
     """torchrun's variables that SLURM's describe, or ``{}`` when there is nothing to add.
 
     ``{}`` when torchrun's own variables are set (they win), outside SLURM, or in a SLURM job of one task
-    that ``srun`` did not start (a batch script running ``python train.py``: one process). Otherwise
-    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``, ``MASTER_ADDR`` and
-    ``MASTER_PORT``. Raises :class:`LaunchEnvironmentError` when the job has several tasks but this
-    process was not started by ``srun`` (each task must be), or the first node's name does not resolve
-    and ``scontrol`` does not know its address.
-
-    Example::
-
-        >>> torchrun_environment({"SLURM_JOB_ID": "4321", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1",
-        ...     "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
-        ...     "SLURM_STEP_NODELIST": "localhost,node2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"})
-        {'RANK': '1', 'WORLD_SIZE': '2', 'LOCAL_RANK': '0', 'LOCAL_WORLD_SIZE': '1', 'GROUP_RANK': '1', \
-'MASTER_ADDR': 'localhost', 'MASTER_PORT': '19321'}
+    that ``srun`` did not start (a batch script running ``python train.py``). Otherwise ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+    Raises :class:`LaunchEnvironmentError` when the job has several tasks but ``srun`` did not start this
+    process, or the first node's name does not resolve and ``scontrol`` does not know its address.
     """
     env = os.environ if environ is None else environ
     if any(env.get(name, "") != "" for name in TORCHRUN_VARIABLES) or "SLURM_JOB_ID" not in env:
@@ -162,29 +143,22 @@ def node_address(name: str, env: Mapping[str, str]) -> str:
 
 
 def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = None) -> bool:
-    """Initialize the default process group from torchrun's or SLURM's environment.
+    """Initialize the default process group from torchrun's or SLURM's environment; all ranks call this.
 
     Does nothing when a process group already exists (Ray Train, Lightning, a test harness) or when
     no launcher describes one (a plain ``python train.py``). Under ``srun`` without torchrun, SLURM's
     variables are turned into torchrun's (:func:`torchrun_environment`) and written to ``os.environ``,
-    so later code that reads ``LOCAL_RANK`` finds it. All ranks must call this.
-
-    Gloo listens on the address this host's name resolves to; where that is a loopback address (Debian's
-    ``127.0.1.1``, many containers) and the ranks span machines, set ``GLOO_SOCKET_IFNAME`` to the
+    so later code that reads ``LOCAL_RANK`` finds it. Where this host's name resolves to a loopback
+    address (Debian's ``127.0.1.1``) and the ranks span machines, set ``GLOO_SOCKET_IFNAME`` to the
     interface that reaches the other nodes (``launch/train.py`` picks it itself).
 
     Args:
-        backend: ``"gloo"``, ``"nccl"``, ...; default ``None``: ``"nccl"`` when CUDA is available, else
-            ``"gloo"``. With ``"nccl"`` the current CUDA device becomes ``LOCAL_RANK``.
-        timeout: the process group's timeout; default ``None``: torch's default.
+        backend: default ``"nccl"`` when CUDA is available, else ``"gloo"``. With ``"nccl"`` the current
+            CUDA device becomes ``LOCAL_RANK``.
+        timeout: the process group's timeout; default: torch's.
 
     Returns:
         ``True`` when this call created the group (the caller destroys it at the end), else ``False``.
-
-    Example::
-
-        >>> import syncnorm.distributed
-        >>> created = syncnorm.distributed.init_from_env()  # under torchrun or srun
     """
     if dist.is_initialized():
         return False
@@ -201,36 +175,15 @@ def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = 
 
 
 def sync_groups(group_size: int):
-    """The process group of this rank's ``group_size`` consecutive ranks, for synced layers that should
-    sync within a node (or any block of ranks) instead of across all of them.
+    """The process group of this rank's ``k = group_size`` consecutive ranks (``0 .. k-1``, ``k .. 2k-1``,
+    ...), for synced layers that should sync within a node instead of across all ranks: pass it as
+    ``process_group``. All ranks must call this, once, in the same order (every group is created on every
+    rank). Each group keeps its own running statistics, so turn DDP's buffer broadcast off
+    (docs/semantics.md#syncing-within-groups-of-ranks).
 
-    Ranks ``0 .. k-1`` form the first group, ``k .. 2k-1`` the second, and so on (``k = group_size``):
-    under torchrun or ``srun`` with ``k`` ranks per node, one group per node. BatchNorm statistics are
-    then pooled over the ``k`` ranks' batches and each group keeps its own running statistics; DDP still
-    averages gradients over all ranks. SwAV's authors found groups of 8 GPUs trained as well as one
-    global group, and faster. The groups' running statistics differ, so turn DDP's per-forward buffer
-    broadcast off for such a model (``broadcast_buffers=False``; ``forward_sync_buffers`` from torch 2.14).
-
-    All ranks must call this, in the same order, once (``torch.distributed.new_group`` creates every
-    group on every rank). Pass the result as ``process_group`` to :func:`syncnorm.convert_sync_batchnorm`
-    or :class:`syncnorm.SyncBatchNorm`.
-
-    Args:
-        group_size: ranks per group, ``>= 1``, dividing the world size.
-
-    Returns:
-        This rank's group; the default group (``torch.distributed.group.WORLD``) when ``group_size``
-        equals the world size; ``None`` (which synced layers treat as "all ranks", here one) when
-        ``torch.distributed`` is not initialized, so one-process code needs no branch.
-
-    Raises:
-        ValueError: ``group_size`` is not an integer ``>= 1`` or does not divide the world size.
-
-    Example::
-
-        >>> group = syncnorm.distributed.sync_groups(8)       # 32 ranks: ranks 0-7, 8-15, 16-23, 24-31
-        >>> model = syncnorm.convert_sync_batchnorm(model, process_group=group)
-        >>> model = DistributedDataParallel(model, device_ids=[local_rank])
+    Returns the default group when ``group_size`` equals the world size, and ``None`` ("all ranks", here
+    one) when ``torch.distributed`` is not initialized and ``group_size`` is 1. Raises ``ValueError`` when
+    ``group_size`` is not an integer ``>= 1`` dividing the world size.
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"sync_groups: expected group_size to be an integer >= 1 (got {group_size!r})")
@@ -246,9 +199,5 @@ def sync_groups(group_size: int):
                          f"use one of {', '.join(map(str, divisors))}")
     if group_size == world:
         return dist.group.WORLD
-    mine = None
-    for start in range(0, world, group_size):  # every rank creates every group, in the same order
-        group = dist.new_group(list(range(start, start + group_size)))
-        if start <= rank < start + group_size:
-            mine = group
-    return mine
+    groups = [dist.new_group(list(range(start, start + group_size))) for start in range(0, world, group_size)]
+    return groups[rank // group_size]

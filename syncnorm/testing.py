@@ -1,24 +1,10 @@
 """Run a function on N ranks of a process group from one Python process: for tests and benchmarks.
 
-``run_ranks(fn, world_size, *args)`` starts ``world_size`` processes, joins them into a process group
-through a FileStore in a fresh temporary directory (no port), calls ``fn(rank, world_size, *args)`` in
-each, and returns the ranks' return values in rank order. Nothing can hang: init and every collective
-have a process-group timeout, the parent has a deadline for the whole run, and when a rank fails the
-others get a short grace period and are then killed. A failure raises one ``RankFailure`` that shows
-every failed rank's traceback, labelled with its rank.
-
-Children come from a forkserver that has imported torch once, so starting a group costs a fork, not
-an interpreter start; ``fn`` must be a module-level function (it is pickled by name). Return values
-travel through ``torch.save``, so tensors come back whole.
-
-Example::
-
-    >>> from syncnorm.testing import run_ranks
-    >>> def global_mean(rank, world_size):
-    ...     layer = syncnorm.SyncBatchNorm(3)
-    ...     layer(torch.randn(4, 3) + rank)
-    ...     return layer.running_mean
-    >>> means = run_ranks(global_mean, 2)   # one tensor per rank, identical
+The ranks join through a FileStore in a fresh temporary directory (no port). Nothing can hang: init and
+every collective have a process-group timeout, the parent has a deadline for the whole run, and when a
+rank fails the others get a short grace period and are then killed. Children come from a forkserver that
+has imported torch once, so starting a group costs a fork, not an interpreter start; ``fn`` must be a
+module-level function (it is pickled by name).
 """
 
 import io
@@ -54,11 +40,8 @@ def _child(rank, world_size, store_path, pg_timeout, backend, threads, fn, args,
     except RuntimeError:  # already set in this (forked) process
         pass
     try:
-        store = dist.FileStore(store_path, world_size)
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=pg_timeout),
-        )
+        dist.init_process_group(backend, store=dist.FileStore(store_path, world_size), rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=pg_timeout))
         try:
             value = fn(rank, world_size, *args)
         finally:
@@ -71,7 +54,9 @@ def _child(rank, world_size, store_path, pg_timeout, backend, threads, fn, args,
 
 
 def run_ranks(fn, world_size, *args, timeout=120.0, pg_timeout=30.0, grace=10.0, backend="gloo", threads=1):
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks and return their results by rank.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks and return their results by rank (through
+    ``torch.save``, so tensors come back whole). Raises one :class:`RankFailure` with every failed rank's
+    traceback, labelled with its rank.
 
     Args:
         timeout: seconds the whole run may take before the parent kills every rank.
@@ -82,30 +67,21 @@ def run_ranks(fn, world_size, *args, timeout=120.0, pg_timeout=30.0, grace=10.0,
     """
     workdir = tempfile.mkdtemp(prefix="syncnorm-ranks-")
     results = _CONTEXT.Queue()
-    processes = [
-        _CONTEXT.Process(
-            target=_child,
-            args=(rank, world_size, os.path.join(workdir, "store"), pg_timeout, backend, threads, fn, args,
-                  results),
-            name=f"rank{rank}",
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
+    store = os.path.join(workdir, "store")
+    processes = [_CONTEXT.Process(target=_child, name=f"rank{rank}", daemon=True,
+                                  args=(rank, world_size, store, pg_timeout, backend, threads, fn, args, results))
+                 for rank in range(world_size)]
     outcome = {}
     try:
         for process in processes:
             process.start()
         deadline = time.monotonic() + timeout
-        while len(outcome) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        while len(outcome) < world_size and (remaining := deadline - time.monotonic()) > 0:
             try:
                 rank, ok, payload = results.get(timeout=min(remaining, 0.5))
             except queue.Empty:
-                if _all_silent_dead(processes, outcome):
-                    break
+                if all(not p.is_alive() for r, p in enumerate(processes) if r not in outcome):
+                    break  # every rank that has not reported died without a word
                 continue
             outcome[rank] = (ok, payload)
             if not ok:
@@ -128,8 +104,3 @@ def run_ranks(fn, world_size, *args, timeout=120.0, pg_timeout=30.0, grace=10.0,
     if failures:
         raise RankFailure(f"{len(failures)} of {world_size} ranks failed\n\n" + "\n".join(failures))
     return [torch.load(io.BytesIO(outcome[rank][1]), weights_only=False) for rank in range(world_size)]
-
-
-def _all_silent_dead(processes, outcome):
-    """True when every rank that has not reported has already exited (it died without a word)."""
-    return all(not p.is_alive() for rank, p in enumerate(processes) if rank not in outcome)
