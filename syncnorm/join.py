@@ -1,37 +1,18 @@
 """``syncnorm.join``: training with synced layers when ranks have different numbers of batches.
 
-torch's ``Join`` lets a rank that ran out of batches keep answering DDP's collectives (the "shadow"
-iterations) until every rank is done, but it knows nothing of collectives issued inside the model's
-forward and backward, so a model with synced BatchNorm layers hangs there. ``join`` adds the missing
-stand-in: a rank that has run out repeats, in each shadow iteration, the synced collectives of its own
-last iteration with empty inputs (zero counts), so the other ranks' statistics are exactly those of the
-*active* ranks' batches and the stand-in rank's running statistics move with theirs.
-
-How it works:
-
-* Inside ``join`` every synced collective of a group goes over a *side group* with the same ranks
-  (``comm.routed``): DDP issues its gradient all_reduces asynchronously in the middle of the active
-  ranks' backward, while a stand-in rank issues them from its join hook, so on one shared gloo group
-  the two kinds would pair up out of order.
-* A :class:`CollectiveRecorder` watches every routed collective of an iteration: a statistics gather
-  inside a ``SyncBatchNorm`` call is remembered as that layer call (replayed by calling the layer on an
-  empty batch of the recorded input's shape, 0 in the batch dimension: zero count, running statistics
-  and ``num_batches_tracked`` updated from the gathered statistics as on the other ranks; a checkpoint's
-  recompute in backward is replayed as a recompute), any other collective as its size and dtype
-  (replayed with zeros, which is exactly an empty rank's contribution to a backward sum; a gather of a
-  ``sync_batch_norm`` call outside a layer keeps its identity, so it passes the other ranks' check).
-* The replay runs inside DDP's own join hook, after DDP's shadow of the forward (buffer broadcast,
-  "is backward synced" all_reduce) and before its gradient all_reduces: the active ranks wait for the
-  former before their forward's first synced layer, and for the latter only at the end of backward.
-
-``update_bn_stats`` (precise.py) stands in differently, by running the whole model on an empty batch:
-it must join collectives that syncnorm does not issue (FSDP's parameter all-gathers), a rank there may
-have no batch at all (nothing recorded to replay), and it has no backward. Here the stand-in runs inside
-DDP's join hook, without the model's input or loss, and must replay the backward sums: only a replay
-of the recorded layer calls and sums can do that. Hence two mechanisms.
+torch's ``Join`` lets a rank that ran out of batches keep answering DDP's collectives ("shadow"
+iterations), but not the collectives inside the model's forward and backward, so synced layers hang.
+``join`` adds the stand-in: a rank that has run out repeats, in each shadow iteration, the synced
+collectives of its own last iteration with empty inputs (zero counts). A :class:`CollectiveRecorder`
+records them; the replay runs inside DDP's join hook, between DDP's forward shadow and its gradient
+all_reduces, and the synced collectives go over a side group with the same ranks (``comm.routed``) so
+that they cannot pair up with DDP's asynchronous all_reduces. How, and why ``update_bn_stats`` stands
+in differently: docs/training_loops.md, "Uneven numbers of batches".
 """
 
 import contextlib
+import functools
+import itertools
 import threading
 import weakref
 from typing import Any, Iterator, List, Optional
@@ -57,19 +38,18 @@ class CollectiveRecorder:
     """Records the synced collectives a model issues in one iteration and replays them as a stand-in.
 
     Used as a context manager (it hooks the model's ``SyncBatchNorm`` layers) inside ``comm.routed``
-    with :meth:`observe` as the observer. Call :meth:`begin_iteration` at the start of each real
-    iteration (before the model's first synced layer); on a rank that has run out of data call
-    :meth:`replay` once for every iteration the other ranks still run: it issues the collectives of this
-    rank's last recorded iteration in the same order, as a rank with an empty batch would (all ranks of
-    the layers' groups must be either running that iteration or replaying). Forward-only iterations
-    (``torch.no_grad``) record and replay only their forward gathers.
+    with :meth:`observe` as the observer. Call :meth:`begin_iteration` before each real iteration; on a
+    rank that has run out, call :meth:`replay` once for every iteration the other ranks still run.
+    A layer call is recorded as one event and replayed by calling the layer on an empty batch (as a
+    recompute if it was one), so its running statistics move as on the other ranks; any other
+    collective is replayed as an empty rank's share (zeros, or an empty packet with the call's identity).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.events: Optional[List[tuple]] = None  # this context's current iteration; None before the first
-        self._call: Optional[tuple] = None  # (layer, shape, dtype, device, recompute) of the call under way
-        self._call_recorded = False
+        # (layer, shape, dtype, device, recompute) of the layer call under way, () once recorded, None outside
+        self._call: Optional[tuple] = None
         self.route: Optional[comm.Route] = None  # the context's route, for a recompute on autograd's thread
         self._followed = threading.local()
         self._replaying = False
@@ -134,7 +114,6 @@ class CollectiveRecorder:
         if isinstance(input, Tensor):
             recompute = in_backward()
             self._call = (layer, tuple(input.shape), input.dtype, input.device, recompute)
-            self._call_recorded = False
             if recompute and comm.current_route() is None and self.route is not None:
                 # A recompute that autograd runs on its own thread (CUDA): its collectives go where this
                 # thread's forward sent them.
@@ -154,9 +133,9 @@ class CollectiveRecorder:
         if self._call is not None:
             # One event per layer call, whatever it sends (a wider layer's first call adds a width
             # request): the replayed call sends it again, deciding as the layer does.
-            if not self._call_recorded:
+            if self._call:
                 self.events.append(("layer",) + self._call)
-                self._call_recorded = True
+                self._call = ()
             return
         if kind == "gather":
             self.events.append((kind, tensor.clone(), group))
@@ -171,33 +150,28 @@ def _raise_compiled() -> None:
     )
 
 
-_REFUSE_COMPILED = None  # made on first use: importing torch._dynamo takes about a second
-
-
+@functools.lru_cache(maxsize=None)  # made on first use: importing torch._dynamo takes about a second
 def _refusal():
     """``_raise_compiled`` hidden from dynamo, so that it raises when the graph runs (before the collective,
     at the same call on every running rank), not while tracing: dynamo would then run the frame partly
     compiled, which keeps neither the ranks' running statistics bitwise equal nor the recorder informed."""
-    global _REFUSE_COMPILED
-    if _REFUSE_COMPILED is None:
-        import torch._dynamo
+    import torch._dynamo
 
-        _REFUSE_COMPILED = torch._dynamo.disable(_raise_compiled)
-    return _REFUSE_COMPILED
+    return torch._dynamo.disable(_raise_compiled)
 
 
 def _compiled(model: nn.Module) -> bool:
     """Whether ``model`` or one of its submodules runs under ``torch.compile``."""
-    for module in model.modules():
-        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
-            return True
-    return False
+    return any(type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
+               for module in model.modules())
 
 
-class _Session:
-    """What one ``join`` context knows: the recorder, the side of the join group, pending checks."""
+class _Session(Joinable, JoinHook):
+    """What one ``join`` context knows (the recorder, the join group and its side, a pending check); also
+    the Joinable of a model without DDP, whose join hook runs the stand-in."""
 
     def __init__(self, root: nn.Module, group, device: torch.device) -> None:
+        super().__init__()
         self.recorder = CollectiveRecorder(root)
         self.group = group  # the join group (DDP's), never None
         self.device = device
@@ -231,38 +205,26 @@ class _Session:
                 "least one batch in the first syncnorm.join of a model"
             )
 
-
-class _StandInJoinable(Joinable):
-    """The Joinable of a model without DDP: its join hook runs the stand-in."""
-
-    def __init__(self, session: _Session) -> None:
-        super().__init__()
-        self.session = session
-
     def join_hook(self, **kwargs) -> JoinHook:
-        session = self.session
+        return self
 
-        class _Hook(JoinHook):
-            def main_hook(self) -> None:
-                session.stand_in()
-
-        return _Hook()
+    def main_hook(self) -> None:
+        self.stand_in()
 
     @property
     def join_device(self) -> torch.device:
-        return self.session.device
+        return self.device
 
     @property
     def join_process_group(self):
-        return self.session.group
+        return self.group
 
 
 def _model_device(model: nn.Module) -> torch.device:
     """Where the model's first parameter or buffer lives (the CPU for a model without any); also the
     device update_bn_stats exchanges its packets on."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 @contextlib.contextmanager
@@ -272,25 +234,21 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
     A context manager around torch's :class:`~torch.distributed.algorithms.join.Join`: inside it each
     rank runs as many iterations (forward, backward, optimizer step) as it has batches. A rank that has
     run out waits at the end of the ``with`` block and, while other ranks still run iterations, stands
-    in for them: it answers DDP's collectives (DDP's own join hook) and the synced layers' collectives,
-    which it repeats from its own last iteration with an empty batch. So nothing hangs and nothing is
-    approximated:
+    in for them: it answers DDP's collectives and repeats the synced layers' collectives of its own last
+    iteration with an empty batch. So nothing hangs and nothing is approximated:
 
     * each iteration's batch statistics are BatchNorm's over the batches of the ranks still running;
-    * running statistics and ``num_batches_tracked`` move on every rank, the stand-in ones included,
-      and are identical on all ranks at the end;
-    * gradients follow DDP's join semantics: the ranks that ran out contribute zero, and the sum is
-      divided by the initial world size (``divide_by_initial_world_size=False``: by the number of
-      ranks still running); DDP then broadcasts the final model from a rank that ran last.
+    * running statistics and ``num_batches_tracked`` move on every rank and end identical on all;
+    * gradients follow DDP's join semantics (the ranks that ran out contribute zero; see
+      ``divide_by_initial_world_size``).
 
     Every iteration inside the context must call the same synced layers in the same order and mode
-    (the stand-in repeats one iteration; evaluate outside the context); a rank that runs out before
-    its first iteration there needs an iteration recorded in an earlier ``join`` of the same model,
-    else every rank raises ``ValueError``.
-    The synced layers' collectives go over a side process group with the same ranks, created on first
-    entry (for each default process group); routing is per thread (``comm.routed``). All ranks must
-    call this. Eager only: a model under ``torch.compile`` is a ``ValueError`` on
-    entry, a compiled function inside its forward one at its first synced layer.
+    (evaluate outside it); a rank that runs out before its first iteration needs an iteration recorded
+    in an earlier ``join`` of the same model, else every rank raises ``ValueError``. The synced
+    collectives go over a side process group with the same ranks, created on first entry; routing is
+    per thread. All ranks must call this. Eager only: a model under ``torch.compile`` is a
+    ``ValueError`` on entry, a compiled function inside its forward one at its first synced layer.
+    Details and limits: docs/training_loops.md.
 
     Args:
         model: the ``DistributedDataParallel`` model, or a model without DDP (e.g. for forward-only
@@ -320,35 +278,35 @@ def join(model: nn.Module, *other_joinables: Joinable, **join_kwargs) -> Iterato
         yield  # one process: nothing to stand in for
         return
     ddp = model if isinstance(model, DistributedDataParallel) else None
-    root = ddp.module if ddp is not None else model
-    group = ddp.process_group if ddp is not None else dist.group.WORLD
-    device = ddp.join_device if ddp is not None else _model_device(model)
     if ddp is not None and not hasattr(ddp, _DDP_HOOK_POINT):
         raise RuntimeError(
             f"syncnorm.join expected DistributedDataParallel.{_DDP_HOOK_POINT} (got a torch "
             f"{torch.__version__} without it); use a torch release that has it"
         )
-    session = _Session(root, group, device)
-    joinable = ddp if ddp is not None else _StandInJoinable(session)
-    routes = comm.side_groups([m.process_group for m in root.modules() if isinstance(m, SyncBatchNorm)] + [group])
-    session.side = routes[id(group)]
+    if ddp is None:
+        root, session = model, _Session(model, dist.group.WORLD, _model_device(model))
+    else:
+        root, session = ddp.module, _Session(ddp.module, ddp.process_group, ddp.join_device)
+    routes = comm.side_groups([m.process_group for m in root.modules() if isinstance(m, SyncBatchNorm)]
+                              + [session.group])
+    session.side = routes[id(session.group)]
     with comm.routed(routes, session.recorder.observe) as session.recorder.route, session.recorder:
         # Once per context: is there a rank with nothing to replay? Then the first iteration checks
         # whether such a rank ran out before running one (one small gather, all ranks together).
-        mine = torch.tensor([0.0 if session.recorder.has_recording else 1.0], device=device)
+        mine = torch.tensor([0.0 if session.recorder.has_recording else 1.0], device=session.device)
         session.check_pending = bool(comm.all_gather(mine, session.side).any())
         hooks = []
         try:
             if ddp is None:
                 def announce(module: nn.Module, args: tuple) -> None:
                     # Join requires its first Joinable to announce every iteration before its collectives.
-                    Join.notify_join_context(joinable)
+                    Join.notify_join_context(session)
 
                 hooks.append(root.register_forward_pre_hook(announce))
             else:
                 _patch_ddp(ddp, session)
             hooks.append(root.register_forward_pre_hook(session.begin_iteration))
-            with Join([joinable, *other_joinables], **join_kwargs):
+            with Join([session if ddp is None else ddp, *other_joinables], **join_kwargs):
                 yield
         finally:
             for hook in hooks:
