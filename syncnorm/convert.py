@@ -1,9 +1,10 @@
-"""Model walkers: ``convert_sync_batchnorm`` (BatchNorm -> syncnorm) and ``revert_sync_batchnorm``; the
-registry of how each BatchNorm flavour converts (``register_conversion``) is ``_registry.py``."""
+"""Model walkers: ``convert_sync_batchnorm`` (BatchNorm -> syncnorm) and ``revert_sync_batchnorm``, and the
+registry of how each BatchNorm flavour converts and reverts (``register_conversion``)."""
 
 import copy
 import functools
-from typing import Callable, Dict, List, Optional, Tuple
+import sys
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -11,12 +12,118 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from syncnorm import _registry, comm
+from syncnorm import comm
 from syncnorm._identity import LayerIdentity, unnumbered
-from syncnorm._registry import (  # noqa: F401 - BatchNormNd, register_conversion and _register_default live on here
-    _REGISTER_HELP, BatchNormNd, _conversion_for, _load_integrations, _register_default, register_conversion,
-)
 from syncnorm.module import SyncBatchNorm
+
+_REGISTER_HELP = "docs/integrations.md, 'Registering your own BatchNorm flavour'"
+
+
+class BatchNormNd(_BatchNorm):
+    """Plain (local) batch norm that accepts 2D to 5D input: what ``revert_sync_batchnorm`` builds for
+    a SyncBatchNorm whose original BatchNorm class is unknown."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not 2 <= input.dim() <= 5:
+            raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
+
+
+class _Conversion(NamedTuple):
+    synced: Type[SyncBatchNorm]  # the class convert_sync_batchnorm builds
+    revert_to: Optional[Type[_BatchNorm]]  # the class revert_sync_batchnorm builds; None: the layer's own
+
+
+# Keyed by the class whose forward a layer must have (its own or inherited) to convert this way: a
+# subclass that changes forward computes something else, and syncing it as plain BatchNorm would
+# silently change the model.
+_CONVERSIONS: Dict[type, _Conversion] = {
+    # BatchNorm1d/2d/3d and every subclass that keeps BatchNorm's forward (mmcv's _BatchNormXd too)
+    _BatchNorm: _Conversion(SyncBatchNorm, None),
+    # torch's SyncBN syncs only on CUDA: the way back is a local BatchNorm for any input rank
+    nn.SyncBatchNorm: _Conversion(SyncBatchNorm, BatchNormNd),
+}
+
+def register_conversion(
+    source: Type[_BatchNorm],
+    synced: Type[SyncBatchNorm] = SyncBatchNorm,
+    revert_to: Optional[Type[_BatchNorm]] = None,
+) -> None:
+    """Tell :func:`convert_sync_batchnorm` and :func:`revert_sync_batchnorm` how a BatchNorm flavour
+    converts and reverts.
+
+    ``convert_sync_batchnorm`` replaces each layer of class ``source`` (or of a subclass that does not
+    override ``forward``) by a ``synced`` layer built with the layer's ``num_features``, ``eps``,
+    ``momentum``, ``affine``, ``track_running_stats`` and the call's ``process_group``; it takes over the
+    old layer's parameters, buffers, children, hooks, mode and every attribute it lacks (timm's
+    integration reads ``act`` and ``drop``). ``revert_sync_batchnorm`` rebuilds ``revert_to`` (default:
+    the original class) from that state without calling its ``__init__``, as ``copy`` does; with
+    ``revert_to`` set it also reverts ``source`` layers that were never converted.
+
+    Register a class only when ``synced`` computes what ``source`` computes with statistics over the
+    global batch. Plain BatchNorm subclasses need no registration; timm's layers are registered
+    automatically. A later registration of the same ``source`` replaces the earlier one.
+
+    Args:
+        source: a :class:`torch.nn.modules.batchnorm._BatchNorm` subclass (not a syncnorm one).
+        synced: a :class:`syncnorm.SyncBatchNorm` subclass that takes ``SyncBatchNorm``'s constructor
+            arguments. Default: :class:`syncnorm.SyncBatchNorm`
+        revert_to: the plain class a converted layer goes back to. Default: None (its original class)
+
+    Example::
+
+        >>> from detectron2.layers import NaiveSyncBatchNorm
+        >>> syncnorm.register_conversion(NaiveSyncBatchNorm, revert_to=torch.nn.BatchNorm2d)
+        >>> model = syncnorm.convert_sync_batchnorm(model)   # NaiveSyncBatchNorm -> SyncBatchNorm
+    """
+    _check_class("source", source, _BatchNorm, "a torch.nn.modules.batchnorm._BatchNorm subclass")
+    if issubclass(source, SyncBatchNorm):
+        raise TypeError(
+            f"register_conversion expected a source class that is not syncnorm's (got {source.__qualname__}, "
+            f"a syncnorm.SyncBatchNorm subclass): syncnorm's layers are already synced"
+        )
+    _check_class("synced", synced, SyncBatchNorm, "a syncnorm.SyncBatchNorm subclass")
+    if revert_to is not None:
+        _check_class("revert_to", revert_to, _BatchNorm, "a torch.nn.modules.batchnorm._BatchNorm subclass")
+        if issubclass(revert_to, SyncBatchNorm):
+            raise TypeError(
+                f"register_conversion expected a plain revert_to class (got {revert_to.__qualname__}, a "
+                f"syncnorm.SyncBatchNorm subclass)"
+            )
+    _CONVERSIONS[source] = _Conversion(synced, revert_to)
+
+
+def _register_default(
+    source: Type[_BatchNorm], synced: Type[SyncBatchNorm], revert_to: Optional[Type[_BatchNorm]] = None
+) -> None:
+    """An integration's registration: one the user made for ``source`` first stays."""
+    if source not in _CONVERSIONS:
+        register_conversion(source, synced, revert_to)
+
+
+def _check_class(name: str, value, base: type, expected: str) -> None:
+    if not (isinstance(value, type) and issubclass(value, base)):
+        got = value.__qualname__ if isinstance(value, type) else repr(value)
+        raise TypeError(f"register_conversion expected {name} to be {expected} (got {got})")
+
+
+def _load_integrations() -> None:
+    """Register timm's layers once timm is imported (a model can hold them only then): nothing for the
+    user to import. A timm version the integration does not know leaves them unregistered, and the
+    walkers refuse them (own forward) instead of changing them silently."""
+    if "timm" in sys.modules and "syncnorm.integrations.timm" not in sys.modules:
+        try:
+            import syncnorm.integrations.timm  # noqa: F401
+        except ImportError:
+            pass
+
+
+def _conversion_for(layer_type: type) -> Tuple[type, _Conversion]:
+    """The nearest registered class in ``layer_type``'s MRO and its conversion."""
+    for base in layer_type.__mro__:
+        if base in _CONVERSIONS:
+            return base, _CONVERSIONS[base]
+    raise AssertionError(f"{layer_type} is not a _BatchNorm")
+
 
 def _name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -59,7 +166,7 @@ def _revert_class(layer: nn.Module) -> Tuple[Optional[type], Optional[str]]:
         if type(layer).forward is SyncBatchNorm.forward:
             return BatchNormNd, None
         # Built directly rather than converted: the class it is registered as the synced form of.
-        for source, conversion in _registry._CONVERSIONS.items():
+        for source, conversion in _CONVERSIONS.items():
             if conversion.synced is type(layer):
                 return conversion.revert_to or source, None
         return None, (
@@ -77,11 +184,8 @@ def _revert_class(layer: nn.Module) -> Tuple[Optional[type], Optional[str]]:
 
 def _check_all(module: nn.Module, caller: str, expected: str, problem_of: Callable) -> None:
     """Raise one error for every layer ``problem_of`` objects to, before anything is replaced."""
-    problems: List[Tuple[str, str]] = []
-    for path, layer in module.named_modules():
-        problem = problem_of(layer)
-        if problem is not None:
-            problems.append((path, problem))
+    problems = [(path, problem_of(layer)) for path, layer in module.named_modules()]
+    problems = [(path, problem) for path, problem in problems if problem is not None]
     if not problems:
         return
     path, problem = problems[0]
@@ -102,14 +206,9 @@ _NOT_CARRIED = frozenset({"_compiled_call_impl"})
 
 
 def _carry(source: _BatchNorm, target: SyncBatchNorm) -> SyncBatchNorm:
-    """Move ``source``'s state into the freshly built ``target``.
-
-    Sharing the parameter and buffer objects (not copying them) keeps ``requires_grad``, device,
-    dtype, the model's state_dict, and any optimizer or DDP reducer that already holds them. The hook
-    dictionaries move as they are, so hooks keep firing and their handles keep working. Child modules
-    and attributes ``target`` lacks (a subclass's own settings, ``qconfig``) come along so that revert
-    can rebuild the original.
-    """
+    """Move ``source``'s state into the freshly built ``target``: the very parameter, buffer and child
+    objects (so optimizers and DDP reducers that hold them keep working), the hook dictionaries (handles
+    keep working), the mode, and every attribute ``target`` lacks (so that revert can rebuild the original)."""
     target._parameters.update(source._parameters)
     target._buffers.update(source._buffers)
     target._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
@@ -132,9 +231,8 @@ def _synced_only_attributes(synced_class: type) -> frozenset:
 
 
 def _rebuild(layer: _BatchNorm, plain_class: type) -> _BatchNorm:
-    """A ``plain_class`` layer that takes over ``layer``'s state (parameters, buffers, children, hooks,
-    settings) except what only synced layers have, built as ``copy.copy`` builds a module: without
-    ``__init__``, whose arguments for the original class are not known."""
+    """A ``plain_class`` layer that takes over ``layer``'s state except what only synced layers have,
+    built as ``copy.copy`` builds a module: without ``__init__``, whose arguments are not known."""
     synced_class = type(layer) if isinstance(layer, SyncBatchNorm) else nn.SyncBatchNorm
     dropped = _synced_only_attributes(synced_class) | _NOT_CARRIED
     plain = plain_class.__new__(plain_class)
@@ -143,10 +241,8 @@ def _rebuild(layer: _BatchNorm, plain_class: type) -> _BatchNorm:
 
 
 def _replace_modules(module: nn.Module, make, memo: Dict[int, nn.Module]) -> nn.Module:
-    """Rebuild ``module``'s tree, replacing each layer for which ``make`` returns a new one.
-
-    A layer shared by several parents is replaced once and stays shared.
-    """
+    """Rebuild ``module``'s tree, replacing each layer for which ``make`` returns a new one; a layer
+    shared by several parents is replaced once and stays shared."""
     if id(module) in memo:
         return memo[id(module)]
     replacement = make(module)
@@ -169,23 +265,19 @@ def convert_sync_batchnorm(module: nn.Module, process_group: comm.ProcessGroup =
     - ``BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and their subclasses that do not override
       ``forward`` become :class:`syncnorm.SyncBatchNorm`;
     - timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` become
-      :class:`syncnorm.integrations.timm.SyncBatchNormAct2d`, which keeps their ``act`` and ``drop``
-      modules (nothing to import: the walkers load the integration once timm is imported);
+      :class:`syncnorm.integrations.timm.SyncBatchNormAct2d` (loaded once timm is imported);
     - classes registered with :func:`syncnorm.register_conversion` become their registered form;
     - frozen layers (``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``) and syncnorm's own layers
       stay as they are.
 
-    ``ValueError`` (naming the class and its path in the model; nothing is changed) for any other
-    BatchNorm subclass with its own ``forward``, for a lazy BatchNorm that has not run a forward pass
-    yet, and for parametrized BatchNorm layers.
+    ``ValueError`` (naming the class and its path; nothing is changed) for any other BatchNorm subclass
+    with its own ``forward``, an uninitialized lazy BatchNorm, and parametrized BatchNorm layers.
 
-    The root itself is converted if it is a BatchNorm, and the walk goes through any container,
-    ``DistributedDataParallel`` included. Converted layers take over the original parameter, buffer and
-    child-module objects and hooks, so ``requires_grad``, device, dtype, train/eval mode, the model's
-    ``state_dict`` and any optimizer built before the call are all unchanged. Children are replaced in
-    place; use the return value, which differs from ``module`` only when the root is a BatchNorm.
-
-    Convert before wrapping the model in ``DistributedDataParallel``, so DDP sees the final layers.
+    The walk goes through any container, ``DistributedDataParallel`` included. Converted layers take
+    over the original parameter, buffer and child-module objects and hooks, so ``requires_grad``,
+    device, dtype, train/eval mode, ``state_dict`` and optimizers built before are unchanged. Children
+    are replaced in place; use the return value, which differs from ``module`` only when the root is a
+    BatchNorm. Convert before wrapping the model in ``DistributedDataParallel``.
 
     Args:
         module: the model (or a single layer).
@@ -234,27 +326,20 @@ def revert_sync_batchnorm(module: nn.Module, inplace: bool = False) -> nn.Module
     """Return ``module`` with every :class:`syncnorm.SyncBatchNorm` (and ``torch.nn.SyncBatchNorm``)
     replaced by a plain, local BatchNorm, for inference, export or single-process use.
 
-    A layer made by :func:`convert_sync_batchnorm` gets its original class back (e.g.
-    ``BatchNorm2d``, a subclass, timm's ``BatchNormAct2d`` with its very ``act`` and ``drop``); one
-    converted from ``torch.nn.SyncBatchNorm``, and any other, becomes
-    :class:`syncnorm.convert.BatchNormNd`, which accepts 2D to 5D input. timm's ``SyncBatchNormAct``
-    becomes ``BatchNormAct2d``, and a class registered with a ``revert_to`` becomes that class.
-    Values of parameters and buffers, ``requires_grad``, train/eval mode and the ``state_dict`` keys
-    are kept. ``ValueError`` (nothing is changed) for a synced subclass with its own ``forward``
-    whose plain form is unknown.
+    A layer made by :func:`convert_sync_batchnorm` gets its original class back (a subclass, timm's
+    ``BatchNormAct2d`` with its very ``act`` and ``drop``); one converted from ``torch.nn.SyncBatchNorm``,
+    and any other, becomes :class:`syncnorm.convert.BatchNormNd` (2D to 5D input); a registered
+    ``revert_to`` wins. Parameter and buffer values, ``requires_grad``, train/eval mode and
+    ``state_dict`` keys are kept. ``ValueError`` (nothing is changed) for a synced subclass with its own
+    ``forward`` whose plain form is unknown.
 
-    What is shared with ``module``:
-
-    - ``inplace=False`` (default): nothing. The result is a deep copy (``copy.deepcopy``: parameters
-      and buffers copied, gradients left behind), so ``module`` keeps syncing and training untouched
-      (export every epoch from a model that is still training). Process
-      groups are not copied; the reverted layers do not hold one. ``module`` must be the model, not
-      its ``DistributedDataParallel`` wrapper: pass ``ddp_model.module``.
-    - ``inplace=True``: children are replaced in ``module`` itself (as ``convert_sync_batchnorm``
-      does), and each reverted layer holds the very parameter and buffer objects of the layer it
-      replaces, so an optimizer built on ``module`` keeps working. ``module`` no longer syncs. The
-      return value differs from ``module`` only when the root is a SyncBatchNorm. This is what a
-      Lightning ``LayerSync`` plugin needs at teardown.
+    - ``inplace=False`` (default): the result is a ``copy.deepcopy`` (gradients left behind, process
+      groups shared), so ``module`` keeps syncing and training (export every epoch from a model in training).
+      Pass the model, not its ``DistributedDataParallel`` wrapper (``ddp_model.module``).
+    - ``inplace=True``: children are replaced in ``module`` itself, and each reverted layer holds the
+      very parameter and buffer objects of the layer it replaces, so an optimizer built on ``module``
+      keeps working (what a Lightning ``LayerSync`` plugin needs at teardown). The return value differs
+      from ``module`` only when the root is a SyncBatchNorm.
 
     Args:
         module: the model (or a single layer).

@@ -276,7 +276,7 @@ class _DoubledSyncBatchNorm(syncnorm.SyncBatchNorm):
 @pytest.fixture
 def registry(monkeypatch):
     """Registrations made by a test end with it."""
-    monkeypatch.setattr(syncnorm._registry, "_CONVERSIONS", dict(syncnorm._registry._CONVERSIONS))
+    monkeypatch.setattr(syncnorm.convert, "_CONVERSIONS", dict(syncnorm.convert._CONVERSIONS))
 
 
 def test_subclass_with_its_own_forward_raises_naming_it_and_changes_nothing():
