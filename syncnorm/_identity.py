@@ -1,18 +1,16 @@
 """Which synced layer a collective belongs to, carried in the packets the layers already send.
 
-Every synced call's statistics gather and backward sum carry a 7-value tail that names the layer and
-the phase: ``[1, d0, d1, d2, d0^2, d1^2, d2^2]`` with ``d`` the three base-64 digits of
-``3 * key + phase`` (phase 0: forward, 1: backward, 2: a checkpoint's recomputed forward), at the same
-place in every packet (slots 2 to 8), so that a gather that meets a backward sum names it too. A gather
-shows every rank's tail; a sum shows ``p = sum(1)``, ``sum(d)`` and ``sum(d^2)``, and ``p * sum(d^2) == sum(d)^2`` holds for every digit
-exactly when all ranks that took part sent the same digits (Cauchy-Schwarz), in exact small integers
-(float32 is exact up to ``2^24``: 4096 ranks of ``63^2``). A rank that takes no part (``syncnorm.join``'s
-stand-in replays a sum as zeros) adds nothing and keeps the check valid.
+Every synced gather and backward sum carries, at the same place (slots 2 to 8), a 7-value tail
+``[1, d0, d1, d2, d0^2, d1^2, d2^2]``, ``d`` the base-64 digits of ``3 * key + phase`` (phase 0: forward,
+1: backward, 2: a checkpoint's recomputed forward), so a gather that meets a backward sum names it too.
+A gather shows every rank's tail; a sum shows ``p = sum(1)``, ``sum(d)`` and ``sum(d^2)``, and
+``p * sum(d^2) == sum(d)^2`` holds for every digit exactly when all ranks that took part sent the same
+digits (Cauchy-Schwarz), exact in float32 up to ``2^24`` (4096 ranks of ``63^2``). A rank that takes no
+part (``syncnorm.join``'s stand-in sums zeros) adds nothing and keeps the check valid.
 
-``key``: from the layer's qualified name when ``convert_sync_batchnorm`` builds or meets it (the same on
-every rank that converts the same model), else its construction order in the process. Layers the model
-walkers build for a moment, or build and then name (``unnumbered``), take no construction number, so
-a walk that runs on one rank only (an export's ``revert_sync_batchnorm``) shifts no other layer's key.
+``key``: from the layer's qualified name when ``convert_sync_batchnorm`` names it (the same on every rank
+that converts the same model), else its construction order. Layers built inside ``unnumbered`` take no
+construction number, so a walk on one rank only (an export's revert) shifts no other layer's key.
 """
 
 import contextlib
@@ -82,10 +80,9 @@ class LayerIdentity:
         return cached
 
     def tail(self, like: Tensor, phase: int, channels: int = 0, pad: int = 0) -> Tensor:
-        """A packet's head after the count slot: ``[channels, tail..., 0 * pad]`` for a forward (phase 0
-        or 2), ``[0, 0, tail..., 0 * pad]`` for a backward sum (which has no count slot), in ``like``'s
-        dtype and device. Eager calls reuse one cached tensor (no copy to the device after the first);
-        compiled graphs hold it as a constant."""
+        """A packet's head after the count slot: ``[channels, tail..., 0 * pad]`` for a forward (phase 0 or
+        2), ``[0, 0, tail..., 0 * pad]`` for a backward sum, in ``like``'s dtype and device; cached in eager
+        mode (no copy to the device after the first), a constant in compiled graphs."""
         values = ([0, 0] if phase == 1 else [channels]) + self.values(phase) + [0] * pad
         if is_compiling():
             return like.new_tensor(values)

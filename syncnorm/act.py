@@ -1,15 +1,8 @@
 """``SyncBatchNormAct``: synced batch norm fused with an invertible activation that keeps only its output
-for backward (the idea of In-Place Activated BatchNorm, Rota Bulo et al., CVPR 2018).
-
-Backward rebuilds what it needs from the output ``y``: ``z = act^-1(y)`` and ``dz = dy * act'(z)``
-(both read from ``y``), then the normalized input ``x_hat = (z - bias) / weight``, whose two per-channel
-sums go across ranks in the same packet as :class:`syncnorm.SyncBatchNorm`'s. Each step is a function
-that one process can test.
-
-Weight rule: the inversion divides by the weight, so a weight whose magnitude is below ``eps`` is used as
-``eps`` with its sign (``+eps`` for 0) in forward and backward; its gradient is the gradient of that
-value (straight through), so a zero-initialized weight still learns. Every other weight is used as is:
-the layer computes exactly ``BatchNorm`` followed by the activation.
+for backward (after In-Place Activated BatchNorm, Rota Bulo et al., CVPR 2018). Backward rebuilds
+``z = act^-1(y)``, ``dz = dy * act'(z)`` and ``x_hat = (z - bias) / weight`` from the output ``y``, one
+testable function per step. Weight rule (the inversion divides by the weight): docs/semantics.md,
+'SyncBatchNormAct'.
 """
 
 import sys
@@ -25,10 +18,8 @@ from syncnorm import comm, stats
 from syncnorm._compat import is_compiling
 from syncnorm._identity import unnumbered
 from syncnorm._recompute import is_recompute
-from syncnorm.functional import (
-    gather_global_stats, host_reads_allowed, input_error, start_global_grad_sums, sync_batch_norm,
-    update_running_stats_once,
-)
+from syncnorm.functional import (gather_global_stats, host_reads_allowed, input_error, start_global_grad_sums,
+                                 sync_batch_norm, update_running_stats_once)
 from syncnorm.module import SyncBatchNorm
 
 ACTIVATIONS = ("identity", "leaky_relu", "elu")
@@ -73,8 +64,7 @@ def invert(output: Tensor, grad_output: Tensor, activation: str, param: float, d
         return z, torch.ops.aten.leaky_relu_backward(grad, y, param, True)
     if activation == "elu":
         # y = alpha * (exp(z) - 1) < 0 where z < 0: z = log1p(y / alpha), dz = dy * (y + alpha). Where y
-        # rounded to -alpha (z below about -17 in float32, -37 in float64) z is lost: the smallest finite
-        # value stands in (its dz is 0; only the x_hat term of the input gradient sees it).
+        # rounded to -alpha, z is lost and the smallest finite value stands in (docs/semantics.md).
         z = torch.where(y < 0, torch.log1p((y / param).clamp_min(torch.finfo(dtype).eps - 1)), y)
         return z, torch.ops.aten.elu_backward(grad, param, 1, 1, True, y)
     return y, grad
@@ -89,16 +79,15 @@ def normalized_sums(z: Tensor, grad_z: Tensor, weight: Tensor, bias: Tensor) -> 
     # Training-mode native backward with bias as the "mean" and 1 / weight as the "invstd" gives
     # sum(dz * (z - bias) / weight) and sum(dz), and nothing else.
     _, sum_dz_xhat, sum_dz = torch.ops.aten.native_batch_norm_backward(
-        grad_z, z, None, None, None, bias, weight.reciprocal(), True, 0.0, [False, True, True]
-    )
+        grad_z, z, None, None, None, bias, weight.reciprocal(), True, 0.0, [False, True, True])
     return sum_dz, sum_dz_xhat
 
 
 def input_grad(z: Tensor, grad_z: Tensor, weight: Tensor, bias: Tensor, var: Tensor, eps: float,
                total: stats.Scalar, sums: Tensor, overwrite_z: bool = False) -> Tensor:
     """``dx = weight * invstd * (dz - mean(dz) - x_hat * mean(dz * x_hat))`` from the global
-    ``sums = [sum(dz)..., sum(dz * x_hat)...]``, written as ``a * dz + b * z + c`` per channel; with
-    ``overwrite_z``, into ``z``'s memory (no new buffer: fresh memory costs page faults on every step)."""
+    ``sums = [sum(dz)..., sum(dz * x_hat)...]``, as ``a * dz + b * z + c`` per channel; with ``overwrite_z``,
+    into ``z``'s memory (fresh memory costs page faults on every step)."""
     if z.numel() == 0:
         return grad_z.mul(0)
     invstd = torch.rsqrt(var + eps)
@@ -130,14 +119,13 @@ class SyncBatchNormActFunction(torch.autograd.Function):
             ctx.save_for_backward(None, None, None, None, None, None)
             return input if inplace else torch.empty_like(input)
         update_running_stats_once(running_mean, running_var, mean, var, total, momentum, recompute)
-        # The weight gradient is the effective weight's, times d(effective)/d(weight): 1 (straight through)
-        # or, with abs_weight, the weight's sign.
+        # The weight gradient: the effective weight's, times its sign with abs_weight (else straight through).
         sign = weight.detach().sign() if abs_weight and weight is not None else None
         weight = torch.ones_like(mean) if weight is None else effective_weight(
             stats.as_dtype(weight, mean.dtype), eps, abs_weight)
         bias = torch.zeros_like(mean) if bias is None else stats.as_dtype(bias, mean.dtype)
         if inplace:
-            # y = x * a + (bias - mean * a), a = weight * invstd, written over the input: no new buffer.
+            # y = x * a + (bias - mean * a), a = weight * invstd, written over the input.
             scale = weight * torch.rsqrt(var + eps)
             shape = stats.channel_shape(input)
             torch.addcmul((bias - mean * scale).view(shape), input, scale.view(shape), out=input)
@@ -145,7 +133,6 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         else:
             output = stats.normalize(input, mean, var, weight, bias, eps)
         activate_(output, activation, param)
-        # The backward's identity tail travels as a saved tensor (see SyncBatchNormFunction.forward).
         ctx.save_for_backward(output, weight, bias, var, sign, identity.tail(mean, 1))
         return output
 
@@ -154,24 +141,23 @@ class SyncBatchNormActFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         output, weight, bias, var, sign, tail = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        nothing = (None,) * 11
-        if output is None:
-            zeros = torch.zeros(grad_output.size(1), dtype=ctx.param_dtype, device=grad_output.device)
-            return (grad_output.mul(0) if need_input else None, zeros if need_weight else None,
-                    zeros.clone() if need_bias else None) + nothing
-        z, grad_z = invert(output, grad_output, ctx.activation, ctx.param, var.dtype)
-        sum_dz, sum_dz_xhat = normalized_sums(z, grad_z, weight, bias)
         grad_input = None
-        if need_input:  # every rank knows this: the collective is skipped on all or none
-            finish = start_global_grad_sums(
-                sum_dz, sum_dz_xhat, ctx.identity, ctx.process_group, ctx.route, tail)
-            grad_input = input_grad(z, grad_z, weight, bias, var, ctx.eps, ctx.total, finish(), z is not output)
-            grad_input = stats.as_dtype(grad_input, output.dtype)
+        if output is None:  # every rank's batch is empty: no sums to send
+            grad_input = grad_output.mul(0) if need_input else None
+            sum_dz = torch.zeros(grad_output.size(1), dtype=ctx.param_dtype, device=grad_output.device)
+            sum_dz_xhat = sum_dz.clone()
+        else:
+            z, grad_z = invert(output, grad_output, ctx.activation, ctx.param, var.dtype)
+            sum_dz, sum_dz_xhat = normalized_sums(z, grad_z, weight, bias)
+            if need_input:  # every rank knows this: the collective is skipped on all or none
+                finish = start_global_grad_sums(sum_dz, sum_dz_xhat, ctx.identity, ctx.process_group, ctx.route, tail)
+                grad_input = input_grad(z, grad_z, weight, bias, var, ctx.eps, ctx.total, finish(), z is not output)
+                grad_input = stats.as_dtype(grad_input, output.dtype)
+            if sign is not None:
+                sum_dz_xhat = sum_dz_xhat * sign
         # Local, as in SyncBatchNorm: DDP averages parameter gradients.
-        if sign is not None:
-            sum_dz_xhat = sum_dz_xhat * sign
         grad_weight, grad_bias = (stats.as_dtype(sums, ctx.param_dtype) for sums in (sum_dz_xhat, sum_dz))
-        return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None) + nothing
+        return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None) + (None,) * 11
 
 
 def inplace_problem(input: Tensor) -> Optional[str]:
@@ -195,16 +181,11 @@ def inplace_problem(input: Tensor) -> Optional[str]:
 
 
 class SyncBatchNormAct(SyncBatchNorm):
-    r""":class:`syncnorm.SyncBatchNorm` fused with an invertible activation (``leaky_relu``, ``elu`` or
-    ``identity``) that keeps only its output for backward.
-
-    Computes ``act(BatchNorm(x))`` with statistics over every rank's batch, exactly as ``BatchNorm`` followed
-    by ``nn.LeakyReLU(negative_slope)`` / ``nn.ELU(alpha)`` on the concatenated global batch, except for the
-    weight rule (module docstring): ``|weight| < eps`` is used as ``eps`` with its sign. In a synced training
-    step it saves for backward only its output and per-channel tensors (BatchNorm + activation keep two or
-    three activation-sized tensors; the next layer usually keeps the output anyway), and backward rebuilds the
-    rest from the output; the collectives and checks are :class:`syncnorm.SyncBatchNorm`'s. Unsynced (eval,
-    one rank) it is ``F.batch_norm`` and the activation.
+    r""":class:`syncnorm.SyncBatchNorm` fused with an invertible activation that keeps only its output (and
+    per-channel tensors) for backward: ``act(BatchNorm(x))`` over every rank's batch, exactly
+    ``BatchNorm`` + ``nn.LeakyReLU(negative_slope)`` / ``nn.ELU(alpha)`` on the global batch, except that a
+    weight with ``|weight| < eps`` is used as ``eps`` with its sign. Unsynced it is ``F.batch_norm`` and the
+    activation. What it saves and recomputes, ``inplace``'s limits: docs/semantics.md, 'SyncBatchNormAct'.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype: as in
@@ -212,11 +193,9 @@ class SyncBatchNormAct(SyncBatchNorm):
         activation: ``"leaky_relu"``, ``"elu"`` or ``"identity"``. Default: ``"leaky_relu"``
         negative_slope: LeakyReLU's slope for negative inputs, above 0. Default: 0.01
         alpha: ELU's ``alpha``, above 0. Default: 1.0
-        inplace: a synced training step writes its result over the input's memory (no new buffer at
-            forward). ``ValueError`` where autograd can see that the input is needed (a leaf that requires
-            grad; an input its own op saved for backward); another op that saved it fails in backward with
-            torch's "modified by an inplace operation", and an op that reads it later reads the result.
-            Default: False
+        inplace: a synced training step writes its result over the input's memory; ``ValueError`` where
+            autograd can see that the input is needed (a leaf that requires grad, an input its own op
+            saved). Default: False
 
     Its ``state_dict`` keys are BatchNorm's. Example::
 
@@ -228,12 +207,10 @@ class SyncBatchNormAct(SyncBatchNorm):
                  track_running_stats: bool = True, process_group: comm.ProcessGroup = None,
                  activation: str = "leaky_relu", negative_slope: float = 0.01, alpha: float = 1.0,
                  inplace: bool = False, device=None, dtype=None) -> None:
-        param = alpha if activation == "elu" else negative_slope
-        problem = activation_problem(activation, param)
+        problem = activation_problem(activation, alpha if activation == "elu" else negative_slope)
         if problem is not None:
             raise ValueError(f"SyncBatchNormAct {problem}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
-                         device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
         self.activation, self.negative_slope, self.alpha, self.inplace = activation, negative_slope, alpha, inplace
         self._abs_weight = False  # InPlace-ABN's weight rule, for a converted timm InplaceAbn
 
@@ -250,10 +227,9 @@ class SyncBatchNormAct(SyncBatchNorm):
     def _local_forward(self, input, running_mean, running_var, use_batch_stats, average_factor):
         """Unsynced (eval, one rank): BatchNorm and the activation as torch ops, with the weight rule."""
         weight = self.weight
-        if weight is not None and self._abs_weight:
-            weight = effective_weight(weight, self.eps, True)
-        elif weight is not None:  # the gradient passes straight through the rule
-            weight = weight + (effective_weight(weight, self.eps) - weight).detach()
+        if weight is not None:  # the gradient passes straight through the rule (abs_weight: the rule's own)
+            rule = effective_weight(weight, self.eps, self._abs_weight)
+            weight = rule if self._abs_weight else weight + (rule - weight).detach()
         output = F.batch_norm(input, running_mean, running_var, weight, self.bias, use_batch_stats,
                               average_factor, self.eps)
         return activate_(output, self.activation, self._param())
@@ -263,15 +239,14 @@ class SyncBatchNormAct(SyncBatchNorm):
             return sync_batch_norm(input, None, None, training=True, process_group=self.process_group,
                                    num_features=self.num_features, identity=self._identity)
         return SyncBatchNormActFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, average_factor,
-            self.process_group, self._identity, self.activation, self._param(), self.inplace, is_recompute(input),
-            self._abs_weight,
-        )
+            input, self.weight, self.bias, running_mean, running_var, self.eps, average_factor, self.process_group,
+            self._identity, self.activation, self._param(), self.inplace, is_recompute(input), self._abs_weight)
 
     def extra_repr(self) -> str:
-        act = {"identity": "", "leaky_relu": f", negative_slope={self.negative_slope}",
-               "elu": f", alpha={self.alpha}"}[self.activation]
-        return f"{super().extra_repr()}, activation={self.activation}{act}" + (", inplace=True" if self.inplace else "")
+        param = {"identity": "", "leaky_relu": f", negative_slope={self.negative_slope}",
+                 "elu": f", alpha={self.alpha}"}[self.activation]
+        inplace = ", inplace=True" if self.inplace else ""
+        return f"{super().extra_repr()}, activation={self.activation}{param}{inplace}"
 
 
 class FusedActivation(nn.Identity):
@@ -320,24 +295,20 @@ def _activation_of(act: nn.Module):
 
 
 def convert_sync_batchnorm_act(module: nn.Module, process_group: comm.ProcessGroup = None) -> nn.Module:
-    """``convert_sync_batchnorm`` that also fuses BatchNorm + invertible activation into :class:`SyncBatchNormAct`.
-
-    Fused: a BatchNorm followed by ``nn.LeakyReLU``/``nn.ELU`` in an ``nn.Sequential`` (the activation's slot
-    becomes a :class:`FusedActivation`, an identity), timm's ``BatchNormAct2d`` with a LeakyReLU, ELU or
-    identity activation, and timm's ``InplaceAbn`` (with its weight rule, ``|weight| + eps``). Everything
-    else converts as :func:`syncnorm.convert_sync_batchnorm` converts it. ``ValueError`` naming the layer
-    (nothing is changed) for such a candidate that cannot fuse exactly: ``negative_slope`` or ``alpha``
-    not above 0, a ``drop`` module before the activation. Parameters, buffers and state_dict keys stay;
-    :func:`syncnorm.revert_sync_batchnorm` gives back the original modules.
+    """``convert_sync_batchnorm`` that also fuses BatchNorm + invertible activation into :class:`SyncBatchNormAct`:
+    a BatchNorm followed by ``nn.LeakyReLU``/``nn.ELU`` in an ``nn.Sequential`` (the activation's slot
+    becomes a :class:`FusedActivation`), timm's ``BatchNormAct2d`` and ``InplaceAbn`` (docs/integrations.md
+    has the table). ``ValueError`` naming the layer (nothing is changed) for a candidate that cannot fuse
+    exactly; :func:`syncnorm.revert_sync_batchnorm` gives back the original modules.
     """
     from syncnorm import convert
 
     plans, problems = [], []
     for path, parent in module.named_modules():
         children = list(parent.named_children())
+        sequential = isinstance(parent, nn.Sequential)
         for index, (name, child) in enumerate(children):
-            following = children[index + 1][1] if isinstance(parent, nn.Sequential) and index + 1 < len(children) else None
-            plan = _fusion(child, following)
+            plan = _fusion(child, children[index + 1][1] if sequential and index + 1 < len(children) else None)
             where = f"'{path}.{name}'" if path else f"'{name}'"
             if isinstance(plan, str):
                 problems.append(f"{where} ({type(child).__name__}): {plan}")
