@@ -118,11 +118,8 @@ def _load_integrations() -> None:
 
 
 def _conversion_for(layer_type: type) -> Tuple[type, _Conversion]:
-    """The nearest registered class in ``layer_type``'s MRO and its conversion."""
-    for base in layer_type.__mro__:
-        if base in _CONVERSIONS:
-            return base, _CONVERSIONS[base]
-    raise AssertionError(f"{layer_type} is not a _BatchNorm")
+    """The nearest registered class in ``layer_type``'s MRO (a _BatchNorm subclass's) and its conversion."""
+    return next((base, _CONVERSIONS[base]) for base in layer_type.__mro__ if base in _CONVERSIONS)
 
 
 def _name(cls: type) -> str:
@@ -309,14 +306,11 @@ def convert_sync_batchnorm(module: nn.Module, process_group: comm.ProcessGroup =
     module = _replace_modules(module, make, {})
     # Every synced layer below the root is named by its path, the same on every rank that converts
     # the same model: what the collectives carry to tell the layers apart (syncnorm/_identity.py). A
-    # layer shared by several parents takes its smallest path, which does not depend on the order in
-    # which the parents registered it (a model built from a set or a dict may differ there per rank).
-    paths: Dict[int, Tuple[str, SyncBatchNorm]] = {}
-    for path, layer in module.named_modules(remove_duplicate=False):
-        if path and isinstance(layer, SyncBatchNorm) and path < paths.get(id(layer), (path + "~",))[0]:
-            paths[id(layer)] = (path, layer)
-    for path, layer in paths.values():
-        layer._identity = LayerIdentity.named(path)
+    # layer shared by several parents takes its smallest path (named last here), which does not depend on
+    # the order in which the parents registered it (a model built from a set or a dict may differ per rank).
+    for path, layer in sorted(module.named_modules(remove_duplicate=False), key=lambda item: item[0], reverse=True):
+        if path and isinstance(layer, SyncBatchNorm):
+            layer._identity = LayerIdentity.named(path)
     if module is not root:  # a converted BatchNorm root has no path: a construction number, as if built
         module._identity = LayerIdentity.built(type(module).__name__, module.num_features)
     return module

@@ -143,21 +143,21 @@ class CollectiveRecorder:
             self.events.append((kind, tensor.numel(), tensor.dtype, tensor.device, group))
 
 
-def _raise_compiled() -> None:
-    raise ValueError(
-        "syncnorm.join expected synced layers that run eagerly (got one inside a function compiled by "
-        "torch.compile); run the iterations inside syncnorm.join without torch.compile"
-    )
-
-
 @functools.lru_cache(maxsize=None)  # made on first use: importing torch._dynamo takes about a second
 def _refusal():
-    """``_raise_compiled`` hidden from dynamo, so that it raises when the graph runs (before the collective,
-    at the same call on every running rank), not while tracing: dynamo would then run the frame partly
-    compiled, which keeps neither the ranks' running statistics bitwise equal nor the recorder informed."""
+    """The error for a synced layer in a compiled function, hidden from dynamo: it raises when the graph
+    runs (before the collective, at the same call on every rank), not while tracing, after which dynamo
+    would run the frame partly compiled (running statistics no longer bitwise equal, recorder uninformed)."""
     import torch._dynamo
 
-    return torch._dynamo.disable(_raise_compiled)
+    @torch._dynamo.disable
+    def refuse() -> None:
+        raise ValueError(
+            "syncnorm.join expected synced layers that run eagerly (got one inside a function compiled by "
+            "torch.compile); run the iterations inside syncnorm.join without torch.compile"
+        )
+
+    return refuse
 
 
 def _compiled(model: nn.Module) -> bool:
