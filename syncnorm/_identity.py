@@ -131,20 +131,17 @@ def sum_mismatch(sums: List[float], mine: LayerIdentity, world: int) -> Optional
     p, totals, squares = sums[0], sums[1 : 1 + DIGITS], sums[1 + DIGITS :]
     if all(p * s == t * t for t, s in zip(totals, squares)) and p <= world:
         return None
-    mine_digits = mine.values(1)[1 : 1 + DIGITS]
     others = "other layers or phases"
     if p == 2:  # one other rank: its digits are the sum minus ours
-        code = sum(int(t - d) * BASE ** i for i, (t, d) in enumerate(zip(totals, mine_digits)))
+        code = sum(int(t - d) * BASE ** i for i, (t, d) in enumerate(zip(totals, mine.values(1)[1 : 1 + DIGITS])))
         others = describe(code) if 0 <= code < 3 * _KEYS else "another kind of collective"
     return _message(describe(3 * mine.key + 1), f"the other rank(s): {others}")
 
 
 def _message(this: str, others: str) -> str:
-    return (
-        f"SyncBatchNorm: the ranks reached different synced layers in the same collective (this rank: "
-        f"{this}; {others}). Every rank must call the same synced layers in the same order, none "
-        "skipped; see docs/semantics.md, 'When ranks diverge'"
-    )
+    return (f"SyncBatchNorm: the ranks reached different synced layers in the same collective (this rank: {this}; "
+            f"{others}). Every rank must call the same synced layers in the same order, none skipped; see "
+            "docs/semantics.md, 'When ranks diverge'")
 
 
 def device_check_forward(gathered_tails: Tensor, mine: Tensor) -> None:
@@ -161,7 +158,5 @@ def device_check_sum(summed_tail: Tensor, world: int) -> None:
     torch._assert_async((p * squares == totals * totals).all(), _DEVICE_MESSAGE)
 
 
-_DEVICE_MESSAGE = (
-    "SyncBatchNorm: the ranks reached different synced layers in the same collective (a rank called "
-    "other layers, in another order, or skipped one); see docs/semantics.md, 'When ranks diverge'"
-)
+_DEVICE_MESSAGE = ("SyncBatchNorm: the ranks reached different synced layers in the same collective (a rank called "
+                   "other layers, in another order, or skipped one); see docs/semantics.md, 'When ranks diverge'")
