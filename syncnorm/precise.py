@@ -1,23 +1,11 @@
 """``update_bn_stats``: exact BatchNorm statistics over every rank's batches ("precise BN").
 
-Running statistics are moving averages taken while the weights still change; after training (or
-before an evaluation) they can be recomputed with the final weights. This pass does it exactly across
-ranks: each BatchNorm layer accumulates the count, mean and variance of everything that enters it,
-per channel and in float64 (``stats.combine_stats``, Chan's pairwise form), and at the end one packed
-``all_gather`` (``comm.py``) carries every layer's local statistics to every rank, where the same
-combination in the same order gives every rank the same bits.
-
-Collectives: one ``all_gather`` of the packet length and one of the packet (``1 + 2C`` float64 per
-layer) at the end, among the ranks of ``process_group``; when the model communicates in its forward
-(synced layers, FSDP), also one ``all_gather`` of ``3 + 8`` float64 per forward of the default group,
-which says which ranks still have a batch and the input shape a rank that ran out copies for its
-stand-in forward (an empty batch, run once by every rank together the first time one is needed), and
-where a synced layer's group leaves out some rank, one of one float at the start (does any rank's
-forward communicate?).
-
-This stand-in runs the whole model, unlike ``syncnorm.join``'s replay of recorded layer calls: it has
-to join collectives that syncnorm does not issue (FSDP's parameter all-gathers), and a rank here may have
-no batch at all, so nothing of its own to replay (join.py's docstring says why join needs the other).
+Each BatchNorm layer accumulates the count, mean and variance of everything that enters it (float64,
+``stats.combine_stats``); one ``all_gather`` at the end carries every layer's statistics to every rank,
+where the same combination in the same order gives the same bits. Collectives, the per-forward exchange
+and the empty-batch stand-in: docs/precise_bn.md. The stand-in runs the whole model, unlike
+``syncnorm.join``'s replay of layer calls: it must join collectives syncnorm does not issue (FSDP's), and
+a rank here may have had no batch at all to record.
 """
 
 import sys
@@ -43,45 +31,29 @@ class _LayerStats:
     """Count, mean and biased variance (float64, per channel) of every value that entered one layer."""
 
     def __init__(self, layer: _BatchNorm) -> None:
-        channels = layer.num_features
-        device = layer.running_mean.device
-        self.count = 0
-        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.var = torch.zeros(channels, dtype=torch.float64, device=device)
+        zeros = torch.zeros(layer.num_features, dtype=torch.float64, device=layer.running_mean.device)
+        self.count, self.mean, self.var = 0, zeros, zeros.clone()
 
     def add(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         """Forward pre-hook: fold this call's input into the totals (Chan's pairwise combination)."""
         input = args[0]
         if not isinstance(input, Tensor) or input.dim() < 2 or input.numel() == 0:
             return  # the layer's own forward reports a bad input; an empty one adds nothing
-        # Per batch in the layer's own statistics dtype (float32 for float32 and half inputs, as BatchNorm
-        # computes them; float64 for float64), across batches and ranks in float64.
+        # Per batch in the layer's own statistics dtype (as BatchNorm computes them); across batches and ranks float64.
         count, mean, var = stats.local_stats(input.detach())
         mean, var = mean.to(torch.float64), var.to(torch.float64)
         if self.count == 0:
             self.count, self.mean, self.var = count, mean, var
             return
         counts = torch.tensor([self.count, count], dtype=torch.float64, device=mean.device)
-        self.mean, self.var = stats.combine_stats(
-            counts, torch.stack([self.mean, mean]), torch.stack([self.var, var])
-        )
+        self.mean, self.var = stats.combine_stats(counts, torch.stack([self.mean, mean]), torch.stack([self.var, var]))
         self.count += count
-
-    def packet(self) -> Tensor:
-        return stats.pack_stats(float(self.count), self.mean, self.var)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper: DDP's forward would broadcast buffers (a collective per forward
-    that a rank without a batch could not join), and the pass needs none of DDP's gradient machinery."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _communicates_in_forward(model: nn.Module, comm_device: torch.device) -> bool:
-    """Whether a training-mode forward of ``model`` runs collectives (synced layers, FSDP all-gathers),
-    so that every rank must run the same number of forwards. The same answer on every rank: where a
-    synced layer's group leaves out some rank, whose forward then does not communicate while the
-    members' does (and they wait for it in the per-forward exchange), all ranks decide together."""
+    """Whether a training-mode forward of ``model`` runs collectives (synced layers, FSDP all-gathers), so that
+    every rank must run the same number of forwards; the same answer on every rank (they vote where a synced
+    layer's group leaves out some rank, whose forward then does not communicate while the members' does)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without FSDP2
@@ -92,11 +64,6 @@ def _communicates_in_forward(model: nn.Module, comm_device: torch.device) -> boo
     if all(comm.world_size(layer.process_group) == comm.world_size() for layer in synced):
         return mine  # every rank is in every group: every rank has this answer
     return bool(comm.all_gather(torch.tensor([float(mine)], device=comm_device)).any())
-
-
-def _first_input(batch: Any) -> Any:
-    """The model input of a batch: ``batch`` itself, or its first element for a list or tuple."""
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 def _describe(input: Optional[Tensor], device: torch.device) -> Tensor:
@@ -156,30 +123,21 @@ def update_bn_stats(
     device: Optional[Union[str, torch.device]] = None,
     progress: Union[bool, Callable[[int, Optional[int]], None], None] = None,
 ) -> None:
-    r"""Recompute every BatchNorm layer's running statistics exactly, over all ranks' batches.
+    """Recompute every BatchNorm layer's running statistics exactly, over all ranks' batches.
 
     One pass of ``model`` in training mode (without gradients) over this rank's ``batches``; afterwards
     each BatchNorm layer with running statistics (``BatchNorm1d/2d/3d``, :class:`syncnorm.SyncBatchNorm`,
     ``torch.nn.SyncBatchNorm``) holds in ``running_mean`` and ``running_var`` the mean and the unbiased
     variance, per channel, of *every value that entered it during the pass on every rank of*
-    ``process_group``, pooled exactly (float64, count-weighted), the same bits on every rank:
+    ``process_group``, pooled exactly (float64, count-weighted), the same bits on every rank. During the
+    pass each layer normalizes as in training (a synced layer with the global batch). Nothing else
+    changes: parameters, ``train``/``eval`` mode, ``momentum``, ``eps`` and ``num_batches_tracked`` (the
+    pass is not a training step); a layer that saw no value on any rank keeps its statistics.
 
-    .. math::
-
-        \mathrm{running\_mean} = \frac{1}{n}\sum_{r,b} \sum_i x_i, \qquad
-        \mathrm{running\_var} = \frac{1}{n - 1}\sum_{r,b}\sum_i (x_i - \mathrm{running\_mean})^2
-
-    over ranks ``r`` and their batches ``b``, ``n`` values per channel in all. During the pass each layer
-    normalizes as in training: a plain layer with its rank's batch, a synced layer with the global batch.
-    Nothing else changes: parameters, ``train``/``eval`` mode, ``momentum``, ``eps`` and
-    ``num_batches_tracked`` are as before the call (the pass is not a training step); a layer that saw
-    no value on any rank keeps its statistics. Memory: ``O(channels)`` per layer.
-
-    Ranks may have different numbers and sizes of batches. When the model communicates in its forward
-    (synced layers, FSDP), a rank that has run out runs the model on an empty batch of the same shape
-    until every rank is done, so that it joins every collective and adds nothing (the model must accept
-    a batch of 0 samples; most do: every rank runs one together first, so one that does not raises
-    ``ValueError`` on every rank). All ranks must call this, with the same model.
+    Ranks may have different numbers and sizes of batches: when the model communicates in its forward
+    (synced layers, FSDP), a rank that has run out runs it on an empty batch of the same shape until
+    every rank is done (a model that refuses a batch of 0 samples raises ``ValueError`` on every rank;
+    docs/precise_bn.md). All ranks must call this, with the same model.
 
     Args:
         model: the model, plain or wrapped in ``DistributedDataParallel`` (its ``module`` runs, without
@@ -188,10 +146,9 @@ def update_bn_stats(
             input (a ``DataLoader`` of ``(images, labels)``), as ``torch.optim.swa_utils.update_bn``.
         num_batches: use at most this many batches of ``batches`` on this rank; None: all of them.
         process_group: ranks whose values are pooled (a group or a 1-D ``DeviceMesh``/mesh dimension);
-            None: all ranks. With data replicated over a second mesh dimension, pass the data-parallel
-            one (``mesh["dp"]``), so each value counts once. A rank outside the group runs its pass
-            (its forwards may communicate with the others) and keeps its model as it was, as torch's
-            collectives do nothing on a rank outside their group.
+            None: all ranks. With data replicated over a second mesh dimension, pass the data-parallel one
+            (``mesh["dp"]``), so each value counts once. A rank outside the group runs its pass (its forwards
+            may communicate with the others) and keeps its model, as torch's collectives on a non-member.
         device: move each input there first; None: leave it where the batch put it.
         progress: ``True`` prints a line per tenth of the pass on rank 0 (stderr); a callable is called
             as ``progress(batches_done, total)`` after each of this rank's batches, ``total`` being its
@@ -206,16 +163,15 @@ def update_bn_stats(
     group = comm.resolve_group(process_group)
     if num_batches is not None and num_batches < 0:
         raise ValueError(f"update_bn_stats expected num_batches >= 0 or None (got {num_batches})")
-    net = _unwrap(model)
+    # Not DDP's forward: it broadcasts buffers, a collective per forward that a rank without a batch cannot join.
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     layers = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
     comm_device = torch.device(device) if device is not None else _model_device(net)
     total = _expected_batches(batches, num_batches)
     if progress is True:
         progress = _progress_printer(total)
     modes = [(module, module.training) for module in net.modules()]
-    saved = [(layer, [b.detach().clone() if b is not None else None
-                      for b in (layer.running_mean, layer.running_var, layer.num_batches_tracked)])
-             for layer in layers]
+    saved = [(layer, [buffer.clone() for buffer in layer.buffers(recurse=False)]) for layer in layers]
     totals = [_LayerStats(layer) for layer in layers]
     hooks = [layer.register_forward_pre_hook(total.add) for layer, total in zip(layers, totals)]
     try:
@@ -229,10 +185,8 @@ def update_bn_stats(
             module.training = training
         with torch.no_grad():
             for layer, buffers in saved:
-                for buffer, value in zip((layer.running_mean, layer.running_var, layer.num_batches_tracked),
-                                         buffers):
-                    if buffer is not None:
-                        buffer.copy_(value)
+                for buffer, value in zip(layer.buffers(recurse=False), buffers):
+                    buffer.copy_(value)
     if comm.in_group(group):  # as torch's collectives, a no-op for a rank outside the group
         _pool_and_store(layers, totals, group, comm_device)
 
@@ -249,7 +203,7 @@ def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], dev
         if num_batches is None or done < num_batches:
             batch = next(iterator, None)
             if batch is not None:
-                input = _first_input(batch)
+                input = batch[0] if isinstance(batch, (list, tuple)) else batch  # (input, ...) or input
                 if device is not None:
                     input = input.to(device)
         if lockstep:
@@ -269,9 +223,8 @@ def _run_pass(net: nn.Module, batches: Iterable, num_batches: Optional[int], dev
             if not gathered[:, 0].any():
                 return
             if not probed and not gathered[:, 0].all():
-                # The first time a rank stands in, every rank runs the empty batch once, together: a model
-                # that cannot take one then fails on every rank at the same op, instead of on the
-                # stand-in rank alone while the others wait in a collective.
+                # The first stand-in: every rank runs the empty batch once, so a model that refuses it fails on
+                # every rank, not on the stand-in rank alone while the others wait in a collective.
                 probed = True
                 _probe_empty_batch(net, _stand_in_input(gathered, comm_device))
             if input is None:
@@ -301,8 +254,9 @@ def _probe_empty_batch(net: nn.Module, empty: Tensor) -> None:
 
 def _pool_and_store(layers: List[_BatchNorm], totals: List[_LayerStats], group, device: torch.device) -> None:
     """One gather of every layer's local statistics; the same combination on every rank; the buffers."""
-    packet = torch.cat([total.packet().to(device) for total in totals]) if totals else \
-        torch.zeros(0, dtype=torch.float64, device=device)
+    # The synced layers' packet layout with an empty tail: [count, mean..., var...] per layer.
+    packets = [stats.pack_synced(float(t.count), t.mean, t.var, t.mean[:0]).to(device) for t in totals]
+    packet = torch.cat(packets) if packets else torch.zeros(0, dtype=torch.float64, device=device)
     lengths = comm.all_gather(torch.tensor([packet.numel()], device=device), group).flatten().tolist()
     if len(set(lengths)) > 1:
         seen = ", ".join(f"rank {rank}: {n}" for rank, n in zip(comm.group_ranks(group), lengths))
@@ -310,13 +264,10 @@ def _pool_and_store(layers: List[_BatchNorm], totals: List[_LayerStats], group, 
                          f"of {seen} values); every rank must pass the same model")
     if not totals:
         return
-    gathered = comm.all_gather(packet, group)
-    offset = 0
+    gathered = comm.all_gather(packet, group).split([1 + 2 * layer.num_features for layer in layers], dim=1)
     with torch.no_grad():
-        for layer in layers:
-            width = 1 + 2 * layer.num_features
-            counts, means, vars = stats.unpack_stats(gathered[:, offset : offset + width])
-            offset += width
+        for layer, part in zip(layers, gathered):
+            counts, means, vars = stats.unpack_synced(part, layer.num_features)
             total = counts.sum()
             if total == 0:
                 continue  # the layer saw nothing: keep what it had

@@ -23,9 +23,9 @@ INVALID_COUNT = -1.0
 WIDTH_REQUEST = -2.0
 
 
-def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``tensor.to(dtype)``, skipping the call when it would be a no-op (it still costs a dispatch)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+def as_dtype(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``tensor.to(dtype)``, skipping the call when it would be a no-op (it still costs a dispatch); None stays."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,48 +49,37 @@ def local_count(input: Tensor) -> int:
 
 
 def local_stats(input: Tensor) -> Tuple[int, Tensor, Tensor]:
-    """``(count, mean, biased variance)`` per channel of this process's ``input``.
+    """``(count, mean, biased variance)`` per channel of this process's ``input`` (zeros for an empty one).
 
-    Eager code uses the native batch-norm statistics kernel (one fused pass, channels_last aware);
-    under ``torch.compile`` it is ``var_mean``, which the compiler fuses (the native kernel has no
-    fake-tensor implementation, so dynamo cannot trace it). An empty input gives zero mean and
-    variance, so that a zero count contributes nothing to the combination.
+    Eager code uses the native batch-norm statistics kernel (one fused pass, channels_last aware); under
+    ``torch.compile`` ``var_mean``, which the compiler fuses (the native kernel has no fake-tensor
+    implementation, so dynamo cannot trace it).
     """
     count = local_count(input)
     channels = input.size(1)
     dtype = stats_dtype(input.dtype)
     dims = reduce_dims(input)
     if count == 0:
-        # Zeros computed *from the input*, not made from nothing: under torch.compile the partitioner
-        # copies into the backward graph every forward op that does not depend on a forward input,
-        # which made an empty rank's statistics all_gather run a second time in its backward, out of
-        # step with the other ranks. A sum over an empty tensor is zero and keeps that dependency.
+        # Zeros computed *from the input* (a sum over nothing): under torch.compile the partitioner copies into
+        # the backward graph every forward op that does not depend on a forward input, which made an empty
+        # rank's statistics all_gather run again in its backward, out of step with the other ranks.
         zeros = input.sum(dim=dims, dtype=dtype)
         return 0, zeros, zeros.clone()
     if is_compiling():
         var, mean = torch.var_mean(as_dtype(input, dtype), dim=dims, correction=0)
         return count, mean, var
-    if input.dtype == dtype:
-        mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
-    else:
-        # Passing float32 running buffers makes the kernel accumulate and return float32; momentum 0
-        # leaves the throwaway buffers as they are.
-        scratch_mean = torch.zeros(channels, dtype=dtype, device=input.device)
-        scratch_var = torch.ones(channels, dtype=dtype, device=input.device)
-        mean, var = torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
+    # For a half input, throwaway float32 running buffers (momentum 0) make the kernel accumulate and return float32.
+    scratch = (None, None) if input.dtype == dtype else torch.zeros(2, channels, dtype=dtype, device=input.device)
+    mean, var = torch.batch_norm_update_stats(input, scratch[0], scratch[1], 0.0)
     return count, mean, var
 
 
-def pack_stats(count: float, mean: Tensor, var: Tensor) -> Tensor:
-    """One flat tensor ``[count, mean..., var...]`` so a single collective carries all three."""
-    # One cat instead of three slice assignments: a third of the dispatches on a per-step path.
-    return torch.cat((mean.new_full((1,), count), mean, var))
-
-
 def pack_synced(count: float, mean: Tensor, var: Tensor, tail: Tensor) -> Tensor:
-    """A synced layer's gather packet ``[count, tail..., mean..., var...]``, ``tail`` being the layer's
-    head from ``LayerIdentity.tail`` (channel count, identity, padding): the count sits with the
-    identity so that one small read at the front shows both, whatever the channel count."""
+    """One flat gather packet ``[count, tail..., mean..., var...]``, so one collective carries all of them.
+
+    A synced layer's ``tail`` is its head from ``LayerIdentity.tail`` (channel count, identity, padding): the
+    count sits with the identity so that one small read at the front shows both, whatever the channel
+    count. ``update_bn_stats`` sends an empty tail."""
     return torch.cat((mean.new_full((1,), count), tail, mean, var))
 
 
@@ -102,12 +91,6 @@ def empty_share(packet: Tensor, width: int) -> Tensor:
     share = packet.new_zeros(width)
     share[1:head] = packet[1:head]
     return share
-
-
-def unpack_stats(gathered: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Split a ``(world, 1 + 2C)`` gather into counts ``(world,)``, means and variances ``(world, C)``."""
-    channels = (gathered.size(1) - 1) // 2
-    return gathered[:, 0], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
 
 
 def combine_stats(counts: Tensor, means: Tensor, vars: Tensor) -> Tuple[Tensor, Tensor]:
@@ -136,8 +119,7 @@ def combine_gathered(gathered: Tensor, counts: List[float], channels: int) -> Tu
     """``combine_stats`` of a gather of ``pack_synced`` packets whose counts are already in Python.
 
     Two ranks (the common CPU case) take Chan's pairwise form, three small element-wise ops instead of
-    ``combine_stats``' ten: on tiny per-channel vectors every op costs microseconds of dispatch, and
-    reductions over the rank dimension cost the most. ``sum(counts)`` must be more than zero.
+    ``combine_stats``' ten (on per-channel vectors dispatch dominates). ``sum(counts)`` must be more than zero.
     """
     if len(counts) != 2:
         return combine_stats(*unpack_synced(gathered, channels))
@@ -145,9 +127,8 @@ def combine_gathered(gathered: Tensor, counts: List[float], channels: int) -> Tu
     weight_a, weight_b = counts[0] / total, counts[1] / total
     sizes = [gathered.size(1) - 2 * channels, channels, channels]
     row_a, row_b = gathered.unbind(0)
-    # Ops over whole packets (count and tail slots ignored), views cut with one split each (narrow and slicing
-    # cost more per call): lerp with weight n_b / n is the count-weighted average, i.e. the global
-    # mean and the within-rank part of the variance.
+    # Ops over whole packets (count and tail slots ignored), cut with one split each: lerp with weight n_b / n
+    # is the count-weighted average, i.e. the global mean and the within-rank part of the variance.
     _, global_mean, global_var = row_a.lerp(row_b, weight_b).split_with_sizes(sizes)
     _, delta, _ = row_b.sub(row_a).split_with_sizes(sizes)
     # Between-rank part: n_a n_b / n^2 * (mean_b - mean_a)^2, a difference of means, no cancellation.
@@ -172,35 +153,24 @@ def update_running_stats(
     if torch.is_grad_enabled():  # entering no_grad costs more than the update when already off
         with torch.no_grad():
             return update_running_stats(running_mean, running_var, mean, var, total_count, momentum)
-    if isinstance(total_count, Tensor) or isinstance(momentum, Tensor):
-        return _update_running_stats_on_device(running_mean, running_var, mean, var, total_count, momentum)
+    if isinstance(total_count, Tensor) or isinstance(momentum, Tensor):  # no host read of either
+        total_count = torch.as_tensor(total_count, dtype=mean.dtype, device=mean.device)
+        # An all-empty global batch leaves the buffers alone: lerp with weight 0 returns them unchanged,
+        # and the statistics of an empty batch are finite zeros (see combine_stats).
+        weight = (total_count > 0).to(mean.dtype) * momentum
+        # n / (n - 1), with the denominator kept at 1 or more: n is 0 (weight 0) or at least 2 here.
+        unbiased_var = var * (total_count / (total_count - 1).clamp_min(1))
+        for buffer, value in ((running_mean, mean), (running_var, unbiased_var)):
+            if buffer is not None:
+                buffer.lerp_(as_dtype(value, buffer.dtype), as_dtype(weight, buffer.dtype))
+        return
     if running_mean is not None:
         running_mean.lerp_(as_dtype(mean, running_mean.dtype), momentum)
     if running_var is not None:
         var = as_dtype(var, running_var.dtype)
-        # (1 - m) * running + m * var * n / (n - 1) as a lerp to the biased variance plus
-        # m * var / (n - 1): scalars passed as lerp weight and add alpha cost a fraction of a
-        # tensor-times-Python-number op.
+        # (1 - m) * running + m * var * n / (n - 1) as a lerp to the biased variance plus m * var / (n - 1):
+        # scalars as lerp weight and add alpha cost a fraction of a tensor-times-Python-number op.
         running_var.lerp_(var, momentum).add_(var, alpha=momentum / (total_count - 1))
-
-
-def _update_running_stats_on_device(running_mean, running_var, mean, var, total_count, momentum) -> None:
-    """``update_running_stats`` without reading the count or momentum on the host."""
-    total_count = torch.as_tensor(total_count, dtype=mean.dtype, device=mean.device)
-    # An all-empty global batch leaves the buffers alone: lerp with weight 0 returns them unchanged,
-    # and the statistics of an empty batch are finite zeros (see combine_stats).
-    weight = (total_count > 0).to(mean.dtype) * momentum
-    # n / (n - 1), with the denominator kept at 1 or more: n is 0 (weight 0) or at least 2 here.
-    unbiased_var = var * (total_count / (total_count - 1).clamp_min(1))
-    for buffer, value in ((running_mean, mean), (running_var, unbiased_var)):
-        if buffer is not None:
-            buffer.lerp_(as_dtype(value, buffer.dtype), as_dtype(weight, buffer.dtype))
-
-
-def _params_in(dtype: torch.dtype, weight: Optional[Tensor]) -> Optional[Tensor]:
-    """``weight`` in the statistics dtype: the native kernels take reduced-precision inputs only with
-    float32 parameters."""
-    return None if weight is None else as_dtype(weight, dtype)
 
 
 def normalize(
@@ -209,14 +179,13 @@ def normalize(
     """``(input - mean) / sqrt(var + eps) * weight + bias`` with the given statistics, in one native pass
     (the kernel batch norm uses in eval mode), keeping the input's dtype and memory format."""
     if input.numel() == 0:
-        # Computed from the input (keeping its memory format, which the kernel does not when empty)
-        # rather than allocated: under torch.compile an allocation becomes a plain `empty` with no
-        # tie to the input, and so would every synced collective downstream of it (see local_stats).
+        # From the input, keeping its memory format (the kernel does not when empty): under torch.compile an
+        # allocation is an untied `empty`, and so would be every synced collective downstream (see local_stats).
         return input.mul(0)
-    # The op F.batch_norm ends in, called directly: its Python wrapper and two dispatch layers cost
-    # more than the kernel on small inputs.
+    # The op F.batch_norm ends in, called directly (its wrapper costs more than the kernel on small inputs),
+    # with the parameters in the statistics dtype: the kernel takes half inputs only with float32 parameters.
     return torch.native_batch_norm(
-        input, _params_in(mean.dtype, weight), _params_in(mean.dtype, bias), mean, var, False, 0.0, eps
+        input, as_dtype(weight, mean.dtype), as_dtype(bias, mean.dtype), mean, var, False, 0.0, eps
     )[0]
 
 
@@ -224,12 +193,9 @@ def grad_sums_scaled(
     grad_output: Tensor, input: Tensor, mean: Tensor, var: Tensor, eps: float
 ) -> Tuple[Tensor, Tensor]:
     """Per-channel ``sum(dy)`` and ``invstd * sum(dy * (x - mean))`` (the local weight gradient), in one
-    pass, with ``invstd = 1 / sqrt(var + eps)``.
-
-    The eval-mode native backward with the batch statistics as running statistics returns exactly
-    these, so the weight gradient needs no extra op; summed over ranks, the second is ``invstd`` times
-    the global ``sum(dy * (x - mean))``, which is all ``input_grad_from_sums`` needs.
-    """
+    pass, with ``invstd = 1 / sqrt(var + eps)``: the eval-mode native backward with the batch statistics as
+    running statistics. Summed over ranks, the second is ``invstd`` times the global ``sum(dy * (x - mean))``,
+    which is all ``input_grad_from_sums`` needs."""
     if local_count(input) == 0:
         # Zeros computed from grad_output, for the reason given in local_stats: made from nothing, the
         # backward sum's input would let the compiler run that collective in the forward graph too.
@@ -265,29 +231,22 @@ def input_grad_from_sums(
     scales: Tuple[Tensor, Tensor],
     global_sums: Tensor,
 ) -> Tensor:
-    """Gradient w.r.t. the input from ``global_sums = [sum(dy), invstd * sum(dy * (x - mean))]`` over all ranks and
-    ``scales = input_grad_scales(...)``.
-
-    ``dx = scale * dy + slope * (x - mean) * invstd + offset`` per channel, ``scale = weight * invstd``:
-    one native eval-mode batch-norm pass over ``x`` (it applies ``invstd`` itself, from ``var``) writes
-    the last two terms and ``addcmul_`` adds the first in place. The formula:
-    ``dx = weight * invstd * (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu)`` with the global means.
-    """
+    """Gradient w.r.t. the input from ``global_sums = [sum(dy), invstd * sum(dy * (x - mean))]`` over all ranks
+    and ``scales = input_grad_scales(...)``:
+    ``dx = weight * invstd * (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu)`` with the global means, as
+    ``scale * dy + slope * (x - mean) * invstd + offset`` per channel, ``scale = weight * invstd``: one native
+    eval-mode batch-norm pass over ``x`` (it applies ``invstd`` itself) writes the last two terms and
+    ``addcmul_`` adds the first in place."""
     if input.numel() == 0:
-        # Computed from grad_output (same shape, and the memory format the output had), not allocated
-        # or made from input: under torch.compile a gradient that does not depend on the incoming
-        # gradient is computed in the forward graph, and with it the backward sums of the layers
-        # before this one (see local_stats), which then pair with the wrong collectives.
+        # From grad_output (the output's shape and memory format), not allocated or made from input: under
+        # torch.compile a gradient independent of the incoming one is computed in the forward graph, and with it
+        # the backward sums of the layers before this one (see local_stats), which then pair with wrong collectives.
         return grad_output.mul(0)
     scale, scale_over_count = scales
     # Both coefficients in one op: row 0 is the offset -scale * mean_dy, row 1 the slope
     # -scale * invstd * mean_dy_xmu (the kernel multiplies by the other invstd).
     offset, slope = global_sums.view(2, -1).mul(scale_over_count).unbind(0)
-    if input.dtype != mean.dtype:
-        # Half-precision input: the kernel would round its partial result to the input dtype and
-        # addcmul_ would round again (about 1 ulp off); accumulate in float32 and round once, as
-        # BatchNorm's own backward does.
-        partial = torch.native_batch_norm(input.to(mean.dtype), slope, offset, mean, var, False, 0.0, eps)[0]
-        return partial.addcmul_(grad_output.to(mean.dtype), scale).to(input.dtype)
-    grad_input = torch.native_batch_norm(input, slope, offset, mean, var, False, 0.0, eps)[0]
-    return grad_input.addcmul_(grad_output, scale)
+    # A half-precision input is computed in float32 and rounded once, as BatchNorm's own backward does (the
+    # kernel would round its partial result and addcmul_ again: about 1 ulp off).
+    grad_input = torch.native_batch_norm(as_dtype(input, mean.dtype), slope, offset, mean, var, False, 0.0, eps)[0]
+    return as_dtype(grad_input.addcmul_(as_dtype(grad_output, mean.dtype), scale), input.dtype)

@@ -17,8 +17,9 @@ def _pieces(dtype=torch.float64):
 
 def test_combined_statistics_equal_those_of_the_concatenation():
     pieces = _pieces()
-    gathered = torch.stack([stats.pack_stats(*stats.local_stats(p)) for p in pieces])
-    mean, var = stats.combine_stats(*stats.unpack_stats(gathered))
+    no_tail = torch.zeros(0, dtype=torch.float64)
+    gathered = torch.stack([stats.pack_synced(*stats.local_stats(p), no_tail) for p in pieces])
+    mean, var = stats.combine_stats(*stats.unpack_synced(gathered, 4))
     whole = torch.cat(pieces)
     torch.testing.assert_close(mean, whole.mean(dim=(0, 2)), rtol=0, atol=1e-12)
     torch.testing.assert_close(var, whole.var(dim=(0, 2), unbiased=False), rtol=0, atol=1e-11)
