@@ -22,14 +22,18 @@ Without an initialized process group they return the one-process answer, so call
 """
 
 import contextlib
+import itertools
+import json
 import threading
 import weakref
+from datetime import timedelta
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from syncnorm import _identity
 from syncnorm._compat import is_compiling
 
 ProcessGroup = Optional["dist.ProcessGroup"]
@@ -221,7 +225,7 @@ def all_gather(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
         gathered = gather(tensor.contiguous(), 0, _functional_group(group))
         return gathered.view(size, tensor.numel())
     work, gathered = _start_all_gather(tensor, group)
-    work.wait()
+    _wait(work, group, tensor)
     return gathered
 
 
@@ -264,7 +268,7 @@ def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None,
         work, rows = _start_all_gather(tensor, group)
 
         def finish_gather() -> Tensor:
-            work.wait()
+            _wait(work, group, tensor)
             if size == 2:
                 # Two rows: one in-place add; a reduction over a dimension of 2 costs several times more.
                 first, second = rows.unbind(0)
@@ -275,7 +279,7 @@ def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None,
     work = dist.all_reduce(tensor, group=group, async_op=True)
 
     def finish_reduce() -> Tensor:
-        work.wait()
+        _wait(work, group, tensor)
         return tensor
 
     return finish_reduce
@@ -297,3 +301,87 @@ def set_packet_width(group: ProcessGroup, width: int) -> None:
     """Record the packet width all ranks of ``group`` agreed on."""
     if is_distributed():
         _WIDTHS[canonical(group)] = width
+
+
+# Waits that cannot end. Ranks that reached synced layers of different process groups (a subgroup layer one
+# member skipped; two groups of the same ranks, but not every rank, called in another order) each wait in a
+# collective that a rank they wait for never joins, and no packet of one reaches the other. So a CPU
+# collective (gloo) that waits longer than STALL_SECONDS posts where it waits to the default group's store,
+# and reads the others' posts every _POLL_SECONDS: rank r waits *for* rank b when b is a member of r's group
+# that waits in another group. A cycle of such waits, seen twice alike, can never end, and every rank in it
+# or waiting on it raises, naming each rank's collective. Waits on a slow rank form no cycle and continue.
+# Only processes whose synced collectives all come from one thread post (another thread could still arrive).
+# Eager only (compiled code waits inside the graph); the store is private to torch (``_get_default_store``).
+STALL_SECONDS: Optional[float] = 2.0  # None: wait without watching
+_POLL_SECONDS = 0.5
+_POSTS = itertools.count()
+_THREADS = set()  # threads of this process that waited for a synced collective
+
+
+def _wait(work, group: ProcessGroup, packet: Tensor) -> None:
+    """Wait for ``work``, a collective sending ``packet`` over ``group``; raise on a cycle of waits."""
+    _THREADS.add(threading.get_ident())
+    store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()
+    if STALL_SECONDS is None or packet.device.type != "cpu" or store is None or len(_THREADS) > 1:
+        work.wait()
+        return
+    if _waited(work, STALL_SECONDS):
+        return
+    tail = packet[2 : 2 + _identity.TAIL].tolist()
+    code = _identity.decode(tail) if len(tail) == _identity.TAIL else None
+    mine = {"group": getattr(group or dist.group.WORLD, "group_name", ""), "ranks": group_ranks(group),
+            "what": "a syncnorm collective" if code is None else _identity.describe(code), "post": next(_POSTS)}
+    key = f"syncnorm/waits/{dist.get_rank()}"
+    store.set(key, json.dumps(mine))
+    seen = None
+    while not _waited(work, _POLL_SECONDS):
+        cycle = _wait_cycle(store, dist.get_rank())
+        if cycle is not None and cycle == seen:  # the post stays: this rank never leaves this wait
+            waits = "; ".join(f"rank {rank} waits in {post['what']} over ranks {post['ranks']}" for rank, post in cycle)
+            raise RuntimeError(
+                f"SyncBatchNorm: the ranks wait for each other in synced collectives of different process groups "
+                f"and would hang until the process-group timeout ({waits}; this rank waits in {mine['what']} "
+                f"over ranks {mine['ranks']}). Every rank must call the synced layers of each group in the same "
+                "order, none skipped; see docs/semantics.md, 'When ranks diverge'"
+            )
+        seen = cycle
+    store.set(key, "")
+
+
+def _waited(work, seconds: float) -> bool:
+    """Whether ``work`` finished within ``seconds``; its own errors propagate."""
+    try:
+        work.wait(timedelta(seconds=seconds))
+    except RuntimeError as error:
+        if "Operation timed out" not in str(error):
+            raise
+        return False
+    return True
+
+
+def _wait_cycle(store, start: int) -> Optional[List[Tuple[int, Dict[str, Any]]]]:
+    """A cycle of waits that ``start`` is in or waits on, as ``(rank, post)`` pairs; None if there is none."""
+    posts: Dict[int, Any] = {}
+
+    def post(rank: int):
+        if rank not in posts:
+            text = store.compare_set(f"syncnorm/waits/{rank}", "", "").decode()  # "" if none, without blocking
+            posts[rank] = json.loads(text) if text else None
+        return posts[rank]
+
+    def waits_for(rank: int) -> Iterator[int]:
+        return iter([other for other in post(rank)["ranks"]
+                     if other != rank and post(other) is not None and post(other)["group"] != post(rank)["group"]])
+
+    path, finished, stack = [start], set(), [waits_for(start)]
+    while stack:
+        rank = next(stack[-1], None)
+        if rank is None:
+            finished.add(path.pop())
+            stack.pop()
+        elif rank in path:
+            return [(member, posts[member]) for member in path[path.index(rank):]]
+        elif rank not in finished:
+            path.append(rank)
+            stack.append(waits_for(rank))
+    return None

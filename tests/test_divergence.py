@@ -7,6 +7,8 @@ process-group timeout (10 s here: a rank that waits that long fails the test wit
 not the expected message).
 """
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -245,3 +247,78 @@ def test_layers_on_two_groups_of_the_same_ranks_called_in_another_order_raise_on
     messages = run_ranks(_two_groups_of_the_same_ranks, world_size, timeout=120.0, pg_timeout=PG_TIMEOUT)
     for rank, message in enumerate(messages):
         assert DIVERGED in message and "in construction order" in message, (rank, message)
+
+
+# Waits in synced collectives of different groups (issue 27, case 7): no packet of one rank reaches the
+# other, so only the deadlock watch in comm.py can tell. Layers: 'sub' on ranks {0, 1}, 'other' on another
+# group of the same ranks, 'all' on every rank. PG_TIMEOUT bounds the wait: a rank that is not told within it
+# gets gloo's timeout error instead of this message.
+WAIT_CYCLE = "the ranks wait for each other in synced collectives of different process groups"
+
+
+class Groups(nn.Module):
+    def __init__(self, groups) -> None:
+        super().__init__()
+        self.sub, self.other, self.all = (nn.BatchNorm1d(3) if group != "none" else nn.Identity()
+                                          for group in groups)
+
+    def forward(self, x, order):
+        return sum(getattr(self, name)(x).sum() for name in order)
+
+
+def _subgroup_waits(rank, world_size, orders):
+    sub, other = torch.distributed.new_group([0, 1]), torch.distributed.new_group([0, 1])
+    model = Groups(["sub", "other", "all"] if rank < 2 else ["none", "none", "all"]).double()
+    for name, group in [("sub", sub), ("other", other)]:
+        if rank < 2:
+            model.add_module(name, syncnorm.convert_sync_batchnorm(getattr(model, name), process_group=group))
+    model = syncnorm.convert_sync_batchnorm(model)
+    torch.distributed.barrier()  # every rank's groups are connected before any rank can leave
+    try:
+        model(torch.randn(4, 3, dtype=torch.float64), orders[min(rank, len(orders) - 1)]).backward()
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.parametrize("world_size", [3, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("orders", [
+    [["sub", "all"], ["all"]],  # rank 1 skips the subgroup layer
+    [["sub", "other", "all"], ["other", "sub", "all"], ["all"]],  # two groups of ranks {0, 1}, in another order
+], ids=["subgroup layer skipped", "two subgroups of the same ranks"])
+def test_ranks_waiting_in_synced_collectives_of_different_groups_all_raise(orders, world_size):
+    messages = run_ranks(_subgroup_waits, world_size, orders, timeout=120.0, pg_timeout=PG_TIMEOUT)
+    for rank, message in enumerate(messages):
+        assert WAIT_CYCLE in message, (rank, message)
+    first, second = orders[0][0], orders[1][0]
+    assert (f"rank 0 waits in '{first}' (forward) over ranks [0, 1]" in messages[0]
+            and f"rank 1 waits in '{second}' (forward)" in messages[0]), messages[0]
+
+
+def _slow_member(rank, world_size):
+    # Ranks {0, 1} sync layer 'sub', ranks {1, 2} layer 'other'; rank 1 calls 'other' first, and rank 2 comes
+    # late, so rank 0 waits for rank 1, which waits in another group for rank 2: a chain, not a cycle.
+    syncnorm.comm.STALL_SECONDS = 0.1
+    groups = {"sub": torch.distributed.new_group([0, 1]), "other": torch.distributed.new_group([1, 2])}
+    mine = {0: ["sub"], 1: ["other", "sub"], 2: ["other"]}[rank]
+    layers = nn.ModuleDict({name: syncnorm.convert_sync_batchnorm(nn.BatchNorm1d(3), process_group=groups[name])
+                            for name in mine})
+    layers = syncnorm.convert_sync_batchnorm(layers).double()  # named by path: 'sub', 'other'
+    torch.distributed.barrier()
+    if rank == 2:
+        time.sleep(2.0)
+    x = _chunk(rank)
+    return {name: layers[name](x) for name in mine}
+
+
+def _chunk(rank):
+    return torch.randn(4, 3, generator=torch.Generator().manual_seed(rank), dtype=torch.float64) * (rank + 1)
+
+
+def test_a_slow_rank_behind_another_group_is_waited_for():
+    outputs = run_ranks(_slow_member, 3, timeout=120.0, pg_timeout=PG_TIMEOUT)
+    for name, ranks in [("sub", [0, 1]), ("other", [1, 2])]:
+        expected = nn.BatchNorm1d(3).double()(torch.cat([_chunk(rank) for rank in ranks])).detach()
+        for index, rank in enumerate(ranks):
+            torch.testing.assert_close(outputs[rank][name].detach(), expected[4 * index : 4 * index + 4],
+                                       rtol=1e-12, atol=1e-12, msg=f"{name}, rank {rank}")
