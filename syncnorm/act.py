@@ -18,8 +18,7 @@ from syncnorm import comm, stats
 from syncnorm._compat import is_compiling
 from syncnorm._identity import unnumbered
 from syncnorm._recompute import is_recompute
-from syncnorm.functional import (gather_global_stats, host_reads_allowed, input_error, start_global_grad_sums,
-                                 sync_batch_norm, update_running_stats_once)
+from syncnorm.functional import input_error, start_global_grad_sums, sync_batch_norm, synced_forward_stats
 from syncnorm.module import SyncBatchNorm
 
 ACTIVATIONS = ("identity", "leaky_relu", "elu")
@@ -107,18 +106,15 @@ class SyncBatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, process_group, identity,
                 activation, param, inplace, recompute=False, abs_weight=False):
-        count, mean, var = stats.local_stats(input)
-        total, mean, var = gather_global_stats(
-            count, mean, var, process_group, identity, host_reads_allowed(input), input.shape, recompute)
-        ctx.eps, ctx.total, ctx.activation, ctx.param = eps, total, activation, param
+        mean, var, tail = synced_forward_stats(
+            ctx, input, running_mean, running_var, eps, momentum, process_group, identity, recompute)
+        ctx.activation, ctx.param = activation, param
         ctx.param_dtype = input.dtype if weight is None else weight.dtype
-        ctx.process_group, ctx.identity, ctx.route = process_group, identity, comm.current_route()
         if inplace:
             ctx.mark_dirty(input)
         if mean is None:  # every rank's batch is empty (known on the host): backward sends nothing
             ctx.save_for_backward(None, None, None, None, None, None)
             return input if inplace else torch.empty_like(input)
-        update_running_stats_once(running_mean, running_var, mean, var, total, momentum, recompute)
         # The weight gradient: the effective weight's, times its sign with abs_weight (else straight through).
         sign = weight.detach().sign() if abs_weight and weight is not None else None
         weight = torch.ones_like(mean) if weight is None else effective_weight(
@@ -133,7 +129,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         else:
             output = stats.normalize(input, mean, var, weight, bias, eps)
         activate_(output, activation, param)
-        ctx.save_for_backward(output, weight, bias, var, sign, identity.tail(mean, 1))
+        ctx.save_for_backward(output, weight, bias, var, sign, tail)
         return output
 
     @staticmethod

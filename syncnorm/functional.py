@@ -5,7 +5,7 @@ step; deciding *whether* to sync (eval mode, one rank, no process group) is the 
 and ``sync_batch_norm`` makes that decision for functional users.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +21,9 @@ from syncnorm._recompute import is_recompute
 
 
 def host_reads_allowed(input: Tensor) -> bool:
-    """Whether the forward may read the gathered counts back to Python.
-
-    Only for CPU tensors in eager mode: they are in host memory already, so the read is free and lets
-    the statistics be combined with fewer ops and errors be raised at once. A CUDA tensor would cost a
-    device-to-host synchronization per layer (and forbid CUDA-graph capture), and under torch.compile
-    a read is a graph break, so those take the on-device path.
-    """
+    """Whether the forward may read the gathered counts back to Python: for CPU tensors in eager mode (free,
+    and errors raise at once). A CUDA tensor would synchronize with the device per layer (and forbid CUDA
+    graphs), and a read under torch.compile is a graph break: those take the on-device path."""
     return _HOST_READS and input.device.type == "cpu" and not is_compiling()
 
 
@@ -46,39 +42,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        input: Tensor,
-        weight: Optional[Tensor],
-        bias: Optional[Tensor],
-        running_mean: Optional[Tensor],
-        running_var: Optional[Tensor],
-        eps: float,
-        momentum: stats.Scalar,
-        process_group: comm.ProcessGroup,
-        identity: Optional[LayerIdentity] = None,
-        recompute: Union[bool, Tensor] = False,
-    ) -> Tensor:
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], eps: float, momentum: stats.Scalar, process_group: comm.ProcessGroup,
+                identity: Optional[LayerIdentity] = None, recompute: Union[bool, Tensor] = False) -> Tensor:
         identity = FUNCTIONAL if identity is None else identity
-        count, mean, var = stats.local_stats(input)
-        ctx.process_group, ctx.eps, ctx.identity = process_group, eps, identity
-        ctx.route = comm.current_route()  # for a backward on autograd's device thread (CUDA): see comm
-        # An activation checkpoint's recompute syncs like any forward (every rank recomputes the same
-        # layers at the same point of its backward), so it gives the global result of the recomputed
-        # batches; it only leaves the running statistics alone: the step is counted once.
-        total, global_mean, global_var = gather_global_stats(
-            count, mean, var, process_group, identity, host_reads_allowed(input), input.shape, recompute
-        )
-        ctx.total = total
-        # The backward's tail travels as a saved tensor: a constant made in a compiled backward can come
-        # from a trace of another layer (measured: a compiled layer after others failed its check).
-        tail = identity.tail(mean, 1)
+        global_mean, global_var, tail = synced_forward_stats(
+            ctx, input, running_mean, running_var, eps, momentum, process_group, identity, recompute)
         if global_mean is None:
             # Every rank's batch is empty: nothing to normalize, and the running statistics stay as
             # they are (as in BatchNorm). Every rank knows this, so backward sends no sums.
             ctx.save_for_backward(input, weight, None, None, tail)
             return torch.empty_like(input)
-        update_running_stats_once(running_mean, running_var, global_mean, global_var, total, momentum, recompute)
         # Saving the variance, not invstd: the native kernels in backward take (var, eps) directly.
         ctx.save_for_backward(input, weight, global_mean, global_var, tail)
         return stats.normalize(input, global_mean, global_var, weight, bias, eps)
@@ -125,51 +99,48 @@ class SyncBatchNormFunction(torch.autograd.Function):
 HEAD = 2 + TAIL
 
 
-def gather_global_stats(
-    count: int, mean: Tensor, var: Tensor, process_group: comm.ProcessGroup, identity: LayerIdentity,
-    host_reads: bool, shape: Sequence[int], recompute: Union[bool, Tensor] = False,
-) -> Tuple[stats.Scalar, Optional[Tensor], Optional[Tensor]]:
-    """The global ``(total, mean, biased variance)`` from this rank's per-channel ``(count, mean, var)``:
-    one all_gather, checked on every rank. All ranks of ``process_group`` must call it.
+def synced_forward_stats(ctx, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         eps: float, momentum: stats.Scalar, process_group: comm.ProcessGroup,
+                         identity: LayerIdentity, recompute: Union[bool, Tensor]
+                         ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+    """A synced Function's forward up to the normalization: this rank's statistics, one all_gather checked on
+    every rank, the running-stat update, and on ``ctx`` what backward needs (``process_group``, ``eps``,
+    ``identity``, ``route``, ``total``: a Python int on the host path). All ranks of the group must call it.
 
-    Raises ``ValueError`` on every rank (``host_reads``; else on-device asserts) when a rank flagged an
-    invalid input, when the ranks reached different synced layers (``identity``) or built layers of
-    different widths, or when the global batch has one value per channel (``shape``: this rank's input
-    shape, for the message). With ``host_reads`` the total is a Python int, and when it is 0 the mean
-    and variance are None. ``recompute``: whether this is a checkpoint's recomputed forward (a 0-dim
-    bool tensor in compiled code), sent as the phase so that it must meet the other ranks' recompute.
+    Returns the global mean and biased variance (None when every rank's batch is empty: backward then sends
+    no sums) and the backward's identity tail, to save (a constant made in a compiled backward can come from
+    another layer's trace). Raises ``ValueError`` on every rank (on-device asserts off the host path) when a
+    rank flagged an invalid input, reached another synced layer or built another width, or when the global
+    batch has one value per channel. ``recompute`` (a 0-dim bool tensor in compiled code): a checkpoint's
+    recomputed forward, sent as the phase so that it meets the other ranks' recompute; it leaves the running
+    statistics alone, so the step counts once.
     """
+    count, mean, var = stats.local_stats(input)
+    ctx.process_group, ctx.eps, ctx.identity, ctx.route = process_group, eps, identity, comm.current_route()
     channels = mean.numel()
-    width = _packet_width(channels, identity, mean, process_group)
-    tail = _forward_tail(identity, mean, channels, width, recompute)
-    # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks,
-    # and per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
+    tail = _forward_tail(identity, mean, channels, _packet_width(channels, identity, mean, process_group), recompute)
+    # Gather (count, mean, var) rather than all-reducing sums: counts may differ between ranks, and
+    # per-rank means and variances combine without the cancellation of E[x^2] - E[x]^2.
     gathered = comm.all_gather(stats.pack_synced(count, mean, var, tail), process_group)
-    if not host_reads:
+    if not host_reads_allowed(input):
         counts, means, vars = stats.unpack_synced(gathered, channels)
-        total = counts.sum()
-        _assert_counts_on_device(counts, total)
+        ctx.total = counts.sum()
+        _assert_counts_on_device(counts, ctx.total)
         device_check_forward(gathered[:, 1:HEAD], tail[: HEAD - 1])
-        return (total,) + stats.combine_stats(counts, means, vars)
-    # The counts and layer identities as Python numbers (one small copy): the checks and weights cost no ops.
-    counts = _check_heads(gathered[:, :HEAD].tolist(), identity, process_group, 2 if recompute is True else 0)
-    total = int(sum(counts))
-    if total == 1:
-        raise ValueError(_one_value_message(f"got input size {list(shape)} on this rank, "))
-    if total == 0:
-        return 0, None, None
-    return (total,) + stats.combine_gathered(gathered, counts, channels)
-
-
-def update_running_stats_once(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
-                              var: Tensor, total: stats.Scalar, momentum: stats.Scalar,
-                              recompute: Union[bool, Tensor]) -> None:
-    """``stats.update_running_stats``, except in a checkpoint's recompute, which syncs again but counts the
-    step once (``recompute`` a tensor: decided when the compiled graph runs, as a zero weight then)."""
-    if isinstance(recompute, Tensor):
-        momentum = (~recompute).to(mean.dtype) * momentum
+        global_mean, global_var = stats.combine_stats(counts, means, vars)
+    else:  # the counts and identities as Python numbers (one small copy): the checks cost no ops
+        counts = _check_heads(gathered[:, :HEAD].tolist(), identity, process_group, 2 if recompute is True else 0)
+        ctx.total = int(sum(counts))
+        if ctx.total == 1:
+            raise ValueError(_one_value_message(f"got input size {list(input.shape)} on this rank, "))
+        if ctx.total == 0:
+            return None, None, identity.tail(mean, 1)
+        global_mean, global_var = stats.combine_gathered(gathered, counts, channels)
     if recompute is not True:
-        stats.update_running_stats(running_mean, running_var, mean, var, total, momentum)
+        if isinstance(recompute, Tensor):
+            momentum = (~recompute).to(global_mean.dtype) * momentum
+        stats.update_running_stats(running_mean, running_var, global_mean, global_var, ctx.total, momentum)
+    return global_mean, global_var, identity.tail(mean, 1)
 
 
 def _forward_tail(identity: LayerIdentity, like: Tensor, channels: int, width: int, recompute) -> Tensor:
@@ -260,15 +231,13 @@ def _check_sum(summed: Tensor, identity: LayerIdentity, process_group: comm.Proc
 
 
 def _one_value_message(detail: str = "") -> str:
-    return f"Expected more than 1 value per channel when training across all ranks ({detail}1 value per channel in total)"
+    return (f"Expected more than 1 value per channel when training across all ranks ({detail}1 value per "
+            "channel in total)")
 
 
 def _assert_counts_on_device(counts: Tensor, total: Tensor) -> None:
-    """The per-step cross-rank checks as asserts that run on the device, without a host read.
-
-    On CPU (compiled) they raise ``RuntimeError`` with the message when the step runs; on CUDA they
-    are device-side asserts that surface at the next synchronizing call.
-    """
+    """The per-step cross-rank checks as on-device asserts, without a host read: on CPU (compiled) a
+    ``RuntimeError`` when the step runs; on CUDA a device-side assert at the next synchronizing call."""
     _assert_no_invalid_rank(counts, f"SyncBatchNorm got an invalid input on another rank {_STOP_HERE}")
     torch._assert_async(total != 1, _one_value_message("got "))
 
@@ -279,14 +248,6 @@ def _assert_no_invalid_rank(counts: Tensor, message: str) -> None:
 
 
 _STOP_HERE = "(see the error on that rank); all ranks stop here instead of waiting for it"
-
-
-def _expected_channels(*tensors: Optional[Tensor]) -> Optional[int]:
-    """Channel count implied by the first per-channel tensor given, if any."""
-    for tensor in tensors:
-        if tensor is not None:
-            return tensor.numel()
-    return None
 
 
 def input_error(input: Tensor, num_features: Optional[int]) -> Optional[str]:
@@ -303,19 +264,10 @@ def input_error(input: Tensor, num_features: Optional[int]) -> Optional[str]:
     return None
 
 
-def sync_batch_norm(
-    input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    process_group: comm.ProcessGroup = None,
-    num_features: Optional[int] = None,
-    identity: Optional[LayerIdentity] = None,
-) -> Tensor:
+def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                    momentum: float = 0.1, eps: float = 1e-5, process_group: comm.ProcessGroup = None,
+                    num_features: Optional[int] = None, identity: Optional[LayerIdentity] = None) -> Tensor:
     r"""Batch normalization whose batch statistics span all ranks of ``process_group``.
 
     Same arguments and result as :func:`torch.nn.functional.batch_norm` on the concatenation of every
@@ -348,9 +300,8 @@ def sync_batch_norm(
 
         >>> y = sync_batch_norm(x, running_mean, running_var, weight, bias, training=True)
     """
-    expected = num_features if num_features is not None else _expected_channels(
-        weight, bias, running_mean, running_var
-    )
+    expected = num_features if num_features is not None else next(
+        (t.numel() for t in (weight, bias, running_mean, running_var) if t is not None), None)
     process_group = comm.resolve_group(process_group)  # a DeviceMesh (dimension) -> its group
     synced = training and comm.world_size(process_group) > 1
     if synced and is_compiling():
