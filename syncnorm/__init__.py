@@ -11,16 +11,7 @@ from syncnorm.precise import update_bn_stats
 __version__ = "0.1.0"
 
 __all__ = [
-    "SyncBatchNorm",
-    "SyncBatchNormAct",
-    "SyncBatchNormFunction",
-    "convert_sync_batchnorm",
-    "convert_sync_batchnorm_act",
-    "distributed",
-    "functional",
-    "join",
-    "register_conversion",
-    "revert_sync_batchnorm",
-    "sync_batch_norm",
-    "update_bn_stats",
+    "SyncBatchNorm", "SyncBatchNormAct", "SyncBatchNormFunction", "convert_sync_batchnorm",
+    "convert_sync_batchnorm_act", "distributed", "functional", "join", "register_conversion",
+    "revert_sync_batchnorm", "sync_batch_norm", "update_bn_stats",
 ]

@@ -1,21 +1,11 @@
 """Every ``torch.distributed`` call syncnorm makes lives in this file.
 
-What goes over the wire per SyncBatchNorm layer and training step:
-
-* forward: one ``all_gather`` of a packet per rank: count, channel count and the layer identity tail of
-  ``_identity.py`` (9 floats), mean and variance (``2C``), zero-padded to the group's packet width;
-* backward: one sum of a packet as wide (identity tail, ``sum_dy``, ``invstd * sum_dy_xmu``) across
-  ranks, an all_gather + local sum on CPU for up to ``GATHER_SUM_MAX_WORLD`` ranks, an all_reduce otherwise;
-* when a layer wider than any before on its group first syncs: one ``all_gather`` of a header at the
-  group's old width (a width request, ``functional._packet_width``; see ``_WIDTHS`` for why).
-
-Under ``torch.compile`` the same two collectives are issued as functional collectives
-(``torch.distributed._functional_collectives``), which dynamo traces into the graph; eager code uses
-the c10d calls, which let gloo overlap the backward sum with local work. Neither waits on the host:
-on CUDA both are queued on the stream.
-
-Inside ``syncnorm.join`` a thread's collectives go over side groups with the same ranks (``routed``,
-below: an explicit, per-thread API; no other module writes this one's state).
+Per synced layer and training step: forward, one ``all_gather`` of a packet per rank (count, channel
+count, the 7-float identity tail of ``_identity.py``, mean and variance, zero-padded to the group's packet
+width); backward, one sum of a packet as wide (tail, ``sum_dy``, ``invstd * sum_dy_xmu``); and once, when
+a layer wider than any before first syncs on its group, a width request (``functional._packet_width``).
+Compiled code issues them as functional collectives, traced into the graph; eager code as c10d calls,
+which let gloo overlap the backward sum with local work. On CUDA neither waits on the host.
 
 Every function here that communicates must be called by all ranks of the group, in the same order.
 Without an initialized process group they return the one-process answer, so callers never branch.
@@ -38,8 +28,7 @@ from syncnorm._compat import is_compiling
 
 ProcessGroup = Optional["dist.ProcessGroup"]
 
-# Bound at import (torch.distributed has imported it already): resolve_group then costs one isinstance,
-# also inside a compiled function. None where torch is built without distributed support.
+# Bound at import: resolve_group then costs one isinstance, also inside a compiled function.
 try:
     from torch.distributed.device_mesh import DeviceMesh as _DeviceMesh
 except ImportError:  # pragma: no cover - torch built without torch.distributed
@@ -48,18 +37,11 @@ except ImportError:  # pragma: no cover - torch built without torch.distributed
 # torch 2.14 renamed all_gather_into_tensor (older releases only have the old name).
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-# Largest group for which the backward sum of CPU tensors is an all_gather followed by a local sum
-# instead of an all_reduce. On CPU/gloo these tiny collectives are latency-bound and gloo's all_gather
-# is the cheaper one: through this module, all_gather + sum took 0.90-1.01x the all_reduce time at 2
-# ranks (2 cores, C = 6..2048) and 0.64-0.93x at 3 and 4 ranks (oversubscribed); re-measure with
-# `python benchmarks/bench_layer.py --collectives-only --world-size N`. Both give the same sums on
-# every rank. Larger groups, and CUDA tensors (NCCL), keep all_reduce: not measured here, and the
-# all_gather's output grows with the group.
+# Largest group whose backward sum of CPU tensors is an all_gather and a local sum, not an all_reduce:
+# cheaper on gloo (docs/performance.md, "all_gather + local sum vs all_reduce"); CUDA and larger groups all_reduce.
 GATHER_SUM_MAX_WORLD = 4
 
-# A one-rank group needs no collective, so none is sent. The one-GPU tests and benchmark set this to send
-# them anyway (real NCCL calls on the stream), so a synced step can be checked and timed on one device
-# (tests/test_gpu.py, benchmarks/bench_gpu.py).
+# A one-rank group sends nothing; the one-GPU test and benchmark set this to send real NCCL calls anyway.
 _COLLECTIVES_AT_ONE_RANK = False
 
 
@@ -103,23 +85,12 @@ def group_ranks(group: ProcessGroup = None) -> List[int]:
     return dist.get_process_group_ranks(group)
 
 
-def _functional_group(group: ProcessGroup):
-    """The group argument the functional collectives take (they have no "default group")."""
-    return dist.group.WORLD if group is None else group
-
-
-# Routing, for ``syncnorm.join`` (join.py): inside it the synced collectives of a group go over a *side
-# group* with the same ranks. On the group itself a rank that stands in for the others would issue them in
-# another order relative to DDP's gradient all_reduces, and gloo pairs collectives by order. An observer
-# sees each routed collective, so that join.py can replay them.
-#
-# Thread semantics: a route belongs to the thread that entered ``routed`` (its state is a threading.local),
-# so collectives of other threads (another model, a background evaluation) keep their own groups. Autograd
-# runs the backward of CUDA tensors (and reentrant checkpoints' recomputes) on its own threads, which see
-# no route: a caller whose backward communicates passes the route its forward saw (``current_route()``
-# then) to ``start_sum_across_ranks``/``sum_across_ranks``, so the backward goes where its forward went
-# (functional.py; a recompute there follows its model's route: ``follow``, join.py). Side groups are kept per
-# default process group: a ``destroy_process_group`` and a new ``init_process_group`` start with none.
+# Routing, for ``syncnorm.join``: inside it a thread's synced collectives of a group go over a *side group*
+# of the same ranks (a stand-in rank would issue them in another order relative to DDP's all_reduces, and gloo
+# pairs collectives by order); an observer sees each, for join.py to replay. A route belongs to the thread
+# that entered ``routed`` (other threads keep their groups); a backward or recompute that autograd runs on
+# another thread passes its forward's route (``current_route()`` then, or ``follow``). Side groups are kept
+# per default process group: a new ``init_process_group`` starts with none.
 
 
 class Route:
@@ -199,11 +170,8 @@ def canonical(group: ProcessGroup):
 
 def _route(kind: str, tensor: Tensor, group: ProcessGroup, route: Optional[Route] = None):
     """``group``'s canonical group, or its side group under a route (``route``, else this thread's)."""
-    if route is None:
-        route = getattr(_ROUTING, "route", None)
-    if route is None or not route.active:
-        return canonical(group)
-    side = route.side_groups.get(id(dist.group.WORLD if group is None else group))
+    route = route or getattr(_ROUTING, "route", None)
+    side = route.side_groups.get(id(dist.group.WORLD if group is None else group)) if route and route.active else None
     if side is None:
         return canonical(group)
     if route.observer is not None:
@@ -212,7 +180,7 @@ def _route(kind: str, tensor: Tensor, group: ProcessGroup, route: Optional[Route
 
 
 def all_gather(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
-    """Stack every rank's 1-D ``tensor`` into a ``(world, len)`` tensor. All ranks must call this."""
+    """Every rank's 1-D ``tensor`` stacked into a ``(world, len)`` tensor. All ranks must call this."""
     size = world_size(group)
     if size == 1 and not _COLLECTIVES_AT_ONE_RANK:
         return tensor.unsqueeze(0)
@@ -222,7 +190,7 @@ def all_gather(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
 
         # torch 2.14 renamed all_gather_tensor to all_gather_single (as for the c10d call above).
         gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-        gathered = gather(tensor.contiguous(), 0, _functional_group(group))
+        gathered = gather(tensor.contiguous(), 0, group)
         return gathered.view(size, tensor.numel())
     work, gathered = _start_all_gather(tensor, group)
     _wait(work, group, tensor)
@@ -238,21 +206,16 @@ def _start_all_gather(tensor: Tensor, group: ProcessGroup):
 
 
 def sum_across_ranks(tensor: Tensor, group: ProcessGroup = None, route: Optional[Route] = None) -> Tensor:
-    """Element-wise sum of ``tensor`` over the ranks of ``group``. All ranks must call this.
-
-    Exactly one collective; every rank gets the same bits back. ``route`` as for ``start_sum_across_ranks``.
-    """
+    """Element-wise sum of ``tensor`` over the ranks of ``group``, the same bits on every rank: one collective,
+    which all ranks must call. ``route`` as for ``start_sum_across_ranks``."""
     return start_sum_across_ranks(tensor, group, route)()
 
 
 def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None,
                            route: Optional[Route] = None) -> Callable[[], Tensor]:
-    """Start ``sum_across_ranks`` and return a function that waits for it and returns the sum.
-
-    The caller can compute while the collective is in flight (gloo runs it on its own threads).
-    ``tensor`` must not be modified until then. All ranks must call this; exactly one collective.
-    ``route``: the route of the forward this sum belongs to (``current_route()`` then), for a backward
-    that autograd runs on another thread; None: this thread's.
+    """Start ``sum_across_ranks`` and return a function that waits for it and returns the sum; the caller
+    may compute meanwhile, but not modify ``tensor``. All ranks must call this; exactly one collective.
+    ``route``: the route of the forward this sum belongs to (``current_route()`` then); None: this thread's.
     """
     size = world_size(group)
     if size == 1 and not _COLLECTIVES_AT_ONE_RANK:
@@ -262,7 +225,7 @@ def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None,
         from torch.distributed import _functional_collectives as funcol
 
         # The compiler schedules the wait; a functional collective leaves its input untouched.
-        summed = funcol.all_reduce(tensor, "sum", _functional_group(group))
+        summed = funcol.all_reduce(tensor, "sum", group)
         return lambda: summed
     if size <= GATHER_SUM_MAX_WORLD and tensor.device.type == "cpu":
         work, rows = _start_all_gather(tensor, group)
@@ -285,10 +248,8 @@ def start_sum_across_ranks(tensor: Tensor, group: ProcessGroup = None,
     return finish_reduce
 
 
-# Floats per synced packet, per group (weakly held): every packet of a group has this one length, so that
-# ranks at different layers meet in a collective gloo can complete and the identity check can report
-# (gloo aborts the process on packets of different sizes). It grows when a wider layer first syncs:
-# functional._packet_width asks every rank first.
+# Floats per synced packet, per group: one length for every packet of a group, so that ranks at different
+# layers meet in a collective gloo completes (it aborts on other sizes) and the identity check reports.
 _WIDTHS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 
 
@@ -329,7 +290,7 @@ def _wait(work, group: ProcessGroup, packet: Tensor) -> None:
         return
     tail = packet[2 : 2 + _identity.TAIL].tolist()
     code = _identity.decode(tail) if len(tail) == _identity.TAIL else None
-    mine = {"group": getattr(group or dist.group.WORLD, "group_name", ""), "ranks": group_ranks(group),
+    mine = {"group": getattr(group, "group_name", ""), "ranks": group_ranks(group),
             "what": "a syncnorm collective" if code is None else _identity.describe(code), "post": next(_POSTS)}
     key = f"syncnorm/waits/{dist.get_rank()}"
     store.set(key, json.dumps(mine))

@@ -43,11 +43,9 @@ _CONVERSIONS: Dict[type, _Conversion] = {
     nn.SyncBatchNorm: _Conversion(SyncBatchNorm, BatchNormNd),
 }
 
-def register_conversion(
-    source: Type[_BatchNorm],
-    synced: Type[SyncBatchNorm] = SyncBatchNorm,
-    revert_to: Optional[Type[_BatchNorm]] = None,
-) -> None:
+
+def register_conversion(source: Type[_BatchNorm], synced: Type[SyncBatchNorm] = SyncBatchNorm,
+                        revert_to: Optional[Type[_BatchNorm]] = None) -> None:
     """Tell :func:`convert_sync_batchnorm` and :func:`revert_sync_batchnorm` how a BatchNorm flavour
     converts and reverts.
 
@@ -77,24 +75,20 @@ def register_conversion(
     """
     _check_class("source", source, _BatchNorm, "a torch.nn.modules.batchnorm._BatchNorm subclass")
     if issubclass(source, SyncBatchNorm):
-        raise TypeError(
-            f"register_conversion expected a source class that is not syncnorm's (got {source.__qualname__}, "
-            f"a syncnorm.SyncBatchNorm subclass): syncnorm's layers are already synced"
-        )
+        raise TypeError(f"register_conversion expected a source class that is not syncnorm's (got "
+                        f"{source.__qualname__}, a syncnorm.SyncBatchNorm subclass): syncnorm's layers are "
+                        "already synced")
     _check_class("synced", synced, SyncBatchNorm, "a syncnorm.SyncBatchNorm subclass")
     if revert_to is not None:
         _check_class("revert_to", revert_to, _BatchNorm, "a torch.nn.modules.batchnorm._BatchNorm subclass")
         if issubclass(revert_to, SyncBatchNorm):
-            raise TypeError(
-                f"register_conversion expected a plain revert_to class (got {revert_to.__qualname__}, a "
-                f"syncnorm.SyncBatchNorm subclass)"
-            )
+            raise TypeError(f"register_conversion expected a plain revert_to class (got {revert_to.__qualname__}, a "
+                            "syncnorm.SyncBatchNorm subclass)")
     _CONVERSIONS[source] = _Conversion(synced, revert_to)
 
 
-def _register_default(
-    source: Type[_BatchNorm], synced: Type[SyncBatchNorm], revert_to: Optional[Type[_BatchNorm]] = None
-) -> None:
+def _register_default(source: Type[_BatchNorm], synced: Type[SyncBatchNorm],
+                      revert_to: Optional[Type[_BatchNorm]] = None) -> None:
     """An integration's registration: one the user made for ``source`` first stays."""
     if source not in _CONVERSIONS:
         register_conversion(source, synced, revert_to)

@@ -14,9 +14,8 @@ from torch.autograd.function import once_differentiable
 
 from syncnorm import comm, stats
 from syncnorm._compat import check_compile_supported, is_compiling
-from syncnorm._identity import (
-    FUNCTIONAL, TAIL, LayerIdentity, device_check_forward, device_check_sum, gather_mismatch, sum_mismatch,
-)
+from syncnorm._identity import (FUNCTIONAL, TAIL, LayerIdentity, device_check_forward, device_check_sum,
+                                gather_mismatch, sum_mismatch)
 from syncnorm._recompute import is_recompute
 
 
@@ -212,22 +211,16 @@ def start_global_grad_sums(
 
     def finish_and_check() -> Tensor:
         summed = finish()
-        _check_sum(summed[1:HEAD], identity, process_group)
+        tail, world = summed[2:HEAD], comm.world_size(process_group)  # the first two slots are unused
+        if not host_reads_allowed(summed):
+            device_check_sum(tail, world)  # the on-device path asserts; the host path raises on every rank
+        else:
+            problem = sum_mismatch(tail.tolist(), identity, world)
+            if problem is not None:
+                raise ValueError(problem)
         return summed[-2 * channels :]
 
     return finish_and_check
-
-
-def _check_sum(summed: Tensor, identity: LayerIdentity, process_group: comm.ProcessGroup) -> None:
-    """Raise on every rank (eager CPU) or assert on the device when a backward sum's tail shows other
-    layers (its first slot is unused)."""
-    world = comm.world_size(process_group)
-    if not host_reads_allowed(summed):
-        device_check_sum(summed[1:], world)
-        return
-    problem = sum_mismatch(summed.tolist()[1:], identity, world)
-    if problem is not None:
-        raise ValueError(problem)
 
 
 def _one_value_message(detail: str = "") -> str:
@@ -255,10 +248,7 @@ def input_error(input: Tensor, num_features: Optional[int]) -> Optional[str]:
     if input.dim() < 2:
         return f"expected at least 2D input (got {input.dim()}D input)"
     if num_features is not None and input.size(1) != num_features:
-        return (
-            f"expected input with {num_features} channels in dimension 1 "
-            f"(got input of shape {list(input.shape)})"
-        )
+        return f"expected input with {num_features} channels in dimension 1 (got input of shape {list(input.shape)})"
     if not input.is_floating_point():
         return f"expected a floating-point input (got {input.dtype})"
     return None
@@ -276,11 +266,9 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
     group must call it, in the same order, including ranks whose batch is empty.
 
     A rank whose input is invalid (fewer than 2 dimensions, wrong channel count) still joins the
-    statistics exchange with a marker, so every rank raises ``ValueError`` instead of waiting.
-
-    A call that runs while autograd runs a backward pass (activation checkpointing's recompute) syncs
-    too, since every rank recomputes at the same point of its backward, and leaves the running
-    statistics as they are, so that the step is counted once.
+    statistics exchange with a marker, so every rank raises ``ValueError`` instead of waiting. A call
+    while autograd runs a backward pass (a checkpoint's recompute) syncs too, as every rank recomputes
+    at the same point of its backward, and leaves the running statistics alone: the step counts once.
 
     Args:
         input: ``(N, C, *)`` tensor; ``N`` may be 0 and may differ between ranks.
