@@ -13,7 +13,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from syncnorm import comm
-from syncnorm._identity import LayerIdentity, unnumbered
+from syncnorm._identity import FUNCTIONAL, LayerIdentity, unnumbered
+from syncnorm.functional import HEAD
 from syncnorm.module import SyncBatchNorm
 
 _REGISTER_HELP = "docs/integrations.md, 'Registering your own BatchNorm flavour'"
@@ -298,15 +299,21 @@ def convert_sync_batchnorm(module: nn.Module, process_group: comm.ProcessGroup =
 
     root = module
     module = _replace_modules(module, make, {})
-    # Every synced layer below the root is named by its path, the same on every rank that converts
-    # the same model: what the collectives carry to tell the layers apart (syncnorm/_identity.py). A
-    # layer shared by several parents takes its smallest path (named last here), which does not depend on
-    # the order in which the parents registered it (a model built from a set or a dict may differ per rank).
+    # Synced layers below the root are named by path, the same on every rank (syncnorm/_identity.py); a shared
+    # layer by its smallest (named last here), whatever order its parents registered it in.
     for path, layer in sorted(module.named_modules(remove_duplicate=False), key=lambda item: item[0], reverse=True):
         if path and isinstance(layer, SyncBatchNorm):
             layer._identity = LayerIdentity.named(path)
     if module is not root:  # a converted BatchNorm root has no path: a construction number, as if built
         module._identity = LayerIdentity.built(type(module).__name__, module.num_features)
+    # A graph compiled before any eager step cannot ask for the packet width: it pads to the widest layer.
+    synced = [layer for layer in module.modules() if isinstance(layer, SyncBatchNorm)]
+    widest: Dict[int, int] = {}
+    for layer in synced:
+        widest[id(layer.process_group)] = max(widest.get(id(layer.process_group), 0), layer.num_features)
+    for layer in synced:
+        if layer.__dict__.get("_identity", FUNCTIONAL) is not FUNCTIONAL:  # not the shared functional identity
+            layer._identity.width = HEAD + 2 * widest[id(layer.process_group)]
     return module
 
 

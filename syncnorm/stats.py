@@ -49,12 +49,9 @@ def local_count(input: Tensor) -> int:
 
 
 def local_stats(input: Tensor) -> Tuple[int, Tensor, Tensor]:
-    """``(count, mean, biased variance)`` per channel of this process's ``input`` (zeros for an empty one).
-
-    Eager code uses the native batch-norm statistics kernel (one fused pass, channels_last aware); under
-    ``torch.compile`` ``var_mean``, which the compiler fuses (the native kernel has no fake-tensor
-    implementation, so dynamo cannot trace it).
-    """
+    """``(count, mean, biased variance)`` per channel of this process's ``input`` (zeros for an empty one):
+    eagerly the native statistics kernel (one pass, channels_last aware); compiled ``var_mean``, which the
+    compiler fuses (the native kernel has no fake-tensor implementation)."""
     count = local_count(input)
     channels = input.size(1)
     dtype = stats_dtype(input.dtype)
@@ -94,13 +91,9 @@ def empty_share(packet: Tensor, width: int) -> Tensor:
 
 
 def combine_stats(counts: Tensor, means: Tensor, vars: Tensor) -> Tuple[Tensor, Tensor]:
-    """Global mean and biased variance from per-rank ``(count, mean, biased variance)``.
-
-    The parallel formula of Chan et al.: ``M2 = sum_r n_r * (var_r + (mean_r - mean)^2)``. Every term
-    is non-negative, so unlike ``E[x^2] - E[x]^2`` nothing cancels when ``|mean| >> std``. Ranks with a
-    zero count contribute nothing; when every count is zero the result is zeros (not NaN), so that
-    callers that cannot look at the counts on the host still get finite values.
-    """
+    """Global mean and biased variance from per-rank ``(count, mean, biased variance)``, by Chan et al.'s
+    ``M2 = sum_r n_r * (var_r + (mean_r - mean)^2)``: no term is negative, so unlike ``E[x^2] - E[x]^2``
+    nothing cancels when ``|mean| >> std``. Empty ranks add nothing; all empty gives zeros, not NaN."""
     # Counts are whole numbers: clamping the total at 1 changes nothing unless it is 0.
     total = counts.sum().clamp_min(1)
     weights = (counts / total).unsqueeze(1)

@@ -363,3 +363,34 @@ def test_compiled_empty_ranks_match_batchnorm_on_the_global_batch(world_size, ba
     # converted model. The default case compiles with aot_eager: the ranks' graphs parted ways in
     # AOTAutograd's forward/backward partition, which aot_eager runs without inductor's code generation.
     _assert_empty_ranks_exact(world_size, backend)
+
+
+class _TwoWidths(nn.Module):
+    """Synced layers of 3 and 5 channels fed separate inputs, called in an order chosen per rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(5)
+
+    def forward(self, x3, x5, skip_a: bool):
+        return (0 if skip_a else self.a(x3).sum()) + self.b(x5).sum()
+
+
+def _compiled_first_step_skips_a_layer(rank, world_size):
+    # Compiled before any eager step: every packet of the converted model is padded to its widest synced
+    # layer from the start, so rank 0's packet for 'a' meets the others' for 'b' in a collective gloo can
+    # complete, and the on-device identity check fails on every rank (else gloo aborts on sizes).
+    _fresh_compile_state()
+    model = torch.compile(syncnorm.convert_sync_batchnorm(_TwoWidths().double()), fullgraph=True)
+    try:
+        model(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64), rank > 0)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_a_layer_of_another_width_skipped_in_a_first_compiled_step_raises_on_every_rank(world_size):
+    for rank, message in enumerate(run_ranks(_compiled_first_step_skips_a_layer, world_size, timeout=TIMEOUT,
+                                             pg_timeout=30.0)):
+        assert "the ranks reached different synced layers in the same collective" in message, (rank, message)
