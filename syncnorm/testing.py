@@ -42,6 +42,8 @@ def _child(rank, world_size, store_path, pg_timeout, backend, threads, fn, args,
     try:
         dist.init_process_group(backend, store=dist.FileStore(store_path, world_size), rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=pg_timeout))
+        if backend == "gloo":  # no rank leaves (or re-inits) while another still connects: "closed by peer"
+            dist.barrier()
         try:
             value = fn(rank, world_size, *args)
         finally:
