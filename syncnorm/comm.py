@@ -282,11 +282,14 @@ _THREADS = set()  # threads of this process that waited for a synced collective
 def _wait(work, group: ProcessGroup, packet: Tensor) -> None:
     """Wait for ``work``, a collective sending ``packet`` over ``group``; raise on a cycle of waits."""
     _THREADS.add(threading.get_ident())
-    store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()
-    if STALL_SECONDS is None or packet.device.type != "cpu" or store is None or len(_THREADS) > 1:
+    if STALL_SECONDS is None or packet.device.type != "cpu" or len(_THREADS) > 1:
         work.wait()
         return
     if _waited(work, STALL_SECONDS):
+        return
+    store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()
+    if store is None:
+        work.wait()
         return
     tail = packet[2 : 2 + _identity.TAIL].tolist()
     code = _identity.decode(tail) if len(tail) == _identity.TAIL else None
