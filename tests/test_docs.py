@@ -420,14 +420,27 @@ RUN_SAMPLES = {
 ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)%\s+(\d+\.\d+)%\s+\S+\s+\S+\s*$")
 FINAL = re.compile(r"^test accuracy final .*$", re.M)
 EVAL = re.compile(r"\(epoch \d+, .*: test accuracy .*$", re.M)
-# Where the docs' runs ran: float32 rows depend on torch's release and on the CPU kernels it picks
-# (torch.backends.cpu.get_cpu_capability()) in the last digit (AVX2 kernels here: epoch 5's train accuracy
-# 99.55% instead of 99.57%). There the samples must match to the digit; elsewhere to rounding noise.
-DOCS_TORCH, DOCS_CPU = "2.14.1", "AVX512"
+# Where the docs' runs ran: float32 rows depend on torch's release and on the CPU's kernels in the last
+# digits: on its capability (torch.backends.cpu.get_cpu_capability(); AVX2 kernels here: epoch 5's train
+# accuracy 99.55% instead of 99.57%) and, at one capability, on its model: an AMD EPYC of CPU family 26
+# (Zen 5, AVX512 too) moves metrics.jsonl's epoch-1 train_loss in the 8th digit and the Ctrl-C sample's
+# epoch-3 loss from 0.0817 to 0.0855. The docs' machines were AVX512 AMD EPYCs whose runs matched each
+# other to the digit: family 25 (Zen 4; the family is read off /proc/cpuinfo, not recorded with the runs).
+# There the samples must match to the digit; elsewhere to rounding noise.
+DOCS_TORCH, DOCS_CPU, DOCS_CPU_FAMILY = "2.14.1", "AVX512", "25"
+
+
+def _cpu_family():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("cpu family")), None)
+    except OSError:
+        return None
 
 
 def _where_the_docs_ran():
-    return torch.__version__.split("+")[0] == DOCS_TORCH and torch.backends.cpu.get_cpu_capability() == DOCS_CPU
+    return (torch.__version__.split("+")[0] == DOCS_TORCH and torch.backends.cpu.get_cpu_capability() == DOCS_CPU
+            and _cpu_family() == DOCS_CPU_FAMILY)
 
 
 def _shows_a_run(body):
@@ -455,14 +468,14 @@ def test_every_sample_of_a_run_is_named():
     assert not stale, f"RUN_SAMPLES names samples the docs no longer show: {sorted(stale)}"
 
 
-def _numbers_differ(documented, fresh):
+def _numbers_differ(documented, fresh, loss_share=0.005):
     """Whether two printed numbers (strings) differ: to the digit where the docs' runs ran, else by more than
-    another torch or CPU's rounding could move them (0.5 % of the value, and at least 0.2 points of a
-    percentage or 0.002 of a loss)."""
+    another torch or CPU's rounding could move them (a percentage: 0.5 % of it and at least 0.2 points; a
+    loss, at most 1: ``loss_share`` of it and at least 0.002)."""
     if _where_the_docs_ran():
         return documented != fresh
     a, b = float(documented), float(fresh)
-    return abs(a - b) > max(0.005 * abs(b), 0.2 if abs(b) > 1 else 0.002)
+    return abs(a - b) > (max(0.005 * abs(b), 0.2) if abs(b) > 1 else max(loss_share * abs(b), 0.002))
 
 
 def _fresh_rows(output):
@@ -476,8 +489,9 @@ def _closing_line(metrics, last_epoch):
     return f"test accuracy final {rows[-1]['test_acc']:.2%}, best {best['test_acc']:.2%} (epoch {best['epoch']})"
 
 
-def _differences_from_the_run(body, run):
-    """What a sample of the documented run shows that a fresh run of the current code does not."""
+def _differences_from_the_run(body, run, loss_share=0.005):
+    """What a sample of the documented run shows that a fresh run of the current code does not (a row's loss
+    elsewhere than where the docs ran: to ``loss_share`` of it, ``_numbers_differ``)."""
     output, fresh = run["output"], _fresh_rows(run["output"])
     fresh_lines = {line.split(" ")[0]: line for line in output.splitlines() if line.startswith(("model ", "data "))}
     problems, last_epoch = [], None
@@ -490,7 +504,7 @@ def _differences_from_the_run(body, run):
                 problems.append(f"epoch {epoch}: the fresh run has no such epoch")
             problems += [f"epoch {epoch} {name}: {mine} (fresh run: {theirs})"
                          for name, mine, theirs in zip(names, row.groups()[1:], fresh.get(epoch, row.groups()[1:]))
-                         if _numbers_differ(mine, theirs)]
+                         if _numbers_differ(mine, theirs, loss_share)]
         elif line.startswith(("model ", "data ")) and line != fresh_lines.get(line.split(" ")[0]):
             problems.append(f"{line!r} (fresh run: {fresh_lines.get(line.split(' ')[0])!r})")
         elif line.startswith("global batch "):
@@ -527,9 +541,10 @@ def test_samples_of_the_documented_run_match_a_fresh_run(documented_lenet_run):
     assert len(samples) >= 6, f"expected the docs to show the documented run (found {len(samples)})"
     problems = [f"{path}: " + "\n  ".join(diffs) for path, body in samples
                 for diffs in [_differences_from_the_run(body, documented_lenet_run)] if diffs]
-    here = f"torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+    here = (f"torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}, CPU family "
+            f"{_cpu_family()}")
     assert not problems, (f"these samples differ from a fresh run of the documented command ({here}; the docs' "
-                          f"runs: torch {DOCS_TORCH}, {DOCS_CPU}); paste the fresh run's rows:\n"
+                          f"runs: torch {DOCS_TORCH}, {DOCS_CPU}, family {DOCS_CPU_FAMILY}); paste the fresh run's rows:\n"
                           + "\n".join(problems) + "\n\nfresh run:\n" + documented_lenet_run["output"])
 
 
@@ -658,7 +673,10 @@ def test_the_ctrl_c_sample_matches_a_fresh_run(tmp_path):
     output = "\n".join(lines) + "\n" + rest
     assert process.returncode == 130, output
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8")]
-    problems = _differences_from_the_run(sample, {"output": output, "metrics": metrics, "eval": ""})
+    # One process, 186 steps of 64 samples: its loss drifts further between CPU models than the 2-rank runs'
+    # (epoch 3: 0.0817 where the docs ran, 0.0855 on a family-26 EPYC, 0.0829-0.0870 there with other MKL,
+    # oneDNN or ATen kernels chosen by environment variables), so elsewhere it matches to 10 %.
+    problems = _differences_from_the_run(sample, {"output": output, "metrics": metrics, "eval": ""}, 0.1)
     # where Ctrl-C lands depends on when it is pressed: the line's form is checked, not its epoch and step
     form = re.compile(r"error: interrupted at epoch \d+(, step \d+| \(evaluation\))?; last checkpoint \S+/ckpt_epoch\d+\.pt; "
                       r"continue with --resume auto \(log: \S+/logs/rank0\.log\)$")
