@@ -425,12 +425,14 @@ EVAL = re.compile(r"\(epoch \d+, .*: test accuracy .*$", re.M)
 # accuracy 99.55% instead of 99.57%) and, at one capability, on its model: an AMD EPYC of CPU family 26
 # (Zen 5, AVX512 too) moves metrics.jsonl's epoch-1 train_loss in the 8th digit and the Ctrl-C sample's
 # epoch-3 loss from 0.0817 to 0.0855. The docs' machines were AVX512 AMD EPYCs whose runs matched each
-# other to the digit: family 25 (Zen 4; the family is read off /proc/cpuinfo, not recorded with the runs).
+# other to the digit: family 25 (Zen 4), deduced, not recorded with the runs (AMD's AVX512 before Zen 5).
 # There the samples must match to the digit; elsewhere to rounding noise.
 DOCS_TORCH, DOCS_CPU, DOCS_CPU_FAMILY = "2.14.1", "AVX512", "25"
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_family():
+    """/proc/cpuinfo's "cpu family" (read once: every compared number asks where the docs ran)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return next((line.split(":")[1].strip() for line in f if line.startswith("cpu family")), None)
@@ -544,7 +546,8 @@ def test_samples_of_the_documented_run_match_a_fresh_run(documented_lenet_run):
     here = (f"torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}, CPU family "
             f"{_cpu_family()}")
     assert not problems, (f"these samples differ from a fresh run of the documented command ({here}; the docs' "
-                          f"runs: torch {DOCS_TORCH}, {DOCS_CPU}, family {DOCS_CPU_FAMILY}); paste the fresh run's rows:\n"
+                          f"runs: torch {DOCS_TORCH}, {DOCS_CPU}, family {DOCS_CPU_FAMILY}); paste the fresh "
+                          f"run's rows:\n"
                           + "\n".join(problems) + "\n\nfresh run:\n" + documented_lenet_run["output"])
 
 

@@ -289,9 +289,9 @@ def test_bf16_autocast_tracks_float32(digits, tmp_path, model):
 def test_syncbn_beats_chance_on_the_digits(tmp_path):
     root = tmp_path / "digits"
     write_digit_folder(str(root), per_class=40)  # 400 train / 400 val
-    # Plain SGD: with momentum 0.9 the 39 steps left the running statistics behind the weights, and the
-    # eval-mode accuracy depended on the CPU's rounding (0.11 to 0.45 over seeds 1, 2, 5 on an AMD EPYC of
-    # family 26; over 0.3 on family 25). Without momentum: 0.71 to 0.77 after 3 epochs over seeds 1-5 there.
+    # Plain SGD: with momentum 0.9 the eval-mode accuracy after 3 epochs depended on the CPU's rounding
+    # (0.11 to 0.45 over seeds 1, 2, 5 on an AMD EPYC of CPU family 26; over 0.3 on the machines before).
+    # Without momentum: 0.71 to 0.77 over seeds 1-5 there.
     cfg = _config(tmp_path / "run", str(root), data={"hflip": False, "min_crop_scale": 0.6},
                   train={"dtype": "float32", "max_steps": None, "epochs": 3, "batch_size": 16, "lr": 0.05,
                          "momentum": 0.0, "eval_batch_size": 100})
